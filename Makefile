@@ -1,0 +1,32 @@
+# `make demo`: set up and run the main job (the quick grid on the embedded MLflow store).
+# `make test`: set up and run the checks (ruff and pytest).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint data clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@sh scripts/ensure-fashion-mnist.sh
+
+demo: $(STAMP) data
+	$(BIN)/ablate run experiments/quick.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check resnet_ablate tests
+	$(BIN)/ruff format --check resnet_ablate tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

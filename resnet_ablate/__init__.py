@@ -1,0 +1,1 @@
+"""resnet-ablate: architecture ablations of residual networks, tracked in MLflow."""

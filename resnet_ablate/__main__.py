@@ -1,0 +1,5 @@
+"""`python -m resnet_ablate` is `ablate`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""Shared fixtures: grid files written to a temporary folder, and the CLI run as users run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+
+@pytest.fixture
+def write_grid(tmp_path: Path):
+    """Write YAML text (dedented) to a grid file and return its path."""
+
+    def write(text: str, name: str = "grid.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+def ablate(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run `python -m resnet_ablate ARGS` in `cwd`, as a user would; returns the process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_ablate", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

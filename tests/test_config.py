@@ -1,0 +1,192 @@
+"""The grid file: expansion into cells, keys and labels, overrides, and every mistake a user makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from resnet_ablate.config import (
+    Cell,
+    CellConfig,
+    GridError,
+    ModelSpec,
+    field_names,
+    load_grid,
+    units_per_stage,
+)
+
+from .conftest import EXPERIMENTS
+
+GRID = """
+name: degradation-fmnist
+description: Plain vs residual at increasing depth
+base:
+  data:  {name: fashion-mnist, augment: true}
+  model: {block: basic, shortcut: identity, order: post, width: 16}
+  train: {epochs: 12, batch_size: 128, lr: 0.1, momentum: 0.9, weight_decay: 1e-4,
+          schedule: step, milestones: [0.5, 0.75], gamma: 0.1, warmup_lr: 0.01, warmup_iters: 400}
+grid:
+  model.shortcut: [none, identity]
+  model.depth: [20, 56, 110]
+seeds: [0, 1, 2]
+exclude:
+  - {model.shortcut: none, model.depth: 110}
+"""
+
+
+def test_expansion_is_the_product_minus_exclusions(write_grid):
+    grid = load_grid(write_grid(GRID))
+    assert len(grid.cells) == (2 * 3 - 1) * 3
+    combos = {(c.config.model.shortcut, c.config.model.depth, c.config.seed) for c in grid.cells}
+    assert ("none", 110, 0) not in combos and ("identity", 110, 2) in combos
+    assert grid.axes == ["model.shortcut", "model.depth", "seed"]
+
+
+def test_yaml11_scientific_numbers_are_numbers(write_grid):
+    cell = load_grid(write_grid(GRID)).cells[0]
+    assert cell.config.train.weight_decay == pytest.approx(1e-4)
+    assert isinstance(cell.config.train.weight_decay, float)
+
+
+def test_labels_read_like_the_paper(write_grid):
+    labels = [c.label for c in load_grid(write_grid(GRID)).cells]
+    assert "plain-56 basic post s0" in labels
+    assert "res-110 basic post s2" in labels
+    assert len(set(labels)) == len(labels)
+
+
+def test_other_varying_fields_appear_in_labels(write_grid):
+    text = GRID.replace("model.depth: [20, 56, 110]", "train.lr: [0.1, 0.05]")
+    path = write_grid(text.split("exclude:")[0])
+    labels = {c.label for c in load_grid(path).cells}
+    assert "plain-20 basic post lr=0.05 s1" in labels
+
+
+def test_keys_are_stable_and_ignore_where_data_lives(write_grid):
+    first = load_grid(write_grid(GRID)).cells
+    again = load_grid(write_grid(GRID)).cells
+    assert [c.key for c in first] == [c.key for c in again]
+    assert len({c.key for c in first}) == len(first)
+    moved = load_grid(write_grid(GRID), ["data.root=/elsewhere", "data.download=true"]).cells
+    assert [c.key for c in moved] == [c.key for c in first]
+    changed = load_grid(write_grid(GRID), ["train.epochs=3"]).cells
+    assert not {c.key for c in changed} & {c.key for c in first}
+
+
+def test_key_matches_a_hand_built_cell(write_grid):
+    cell = load_grid(write_grid(GRID)).cells[0]
+    twin = Cell(config=CellConfig.model_validate(cell.config.model_dump()))
+    assert twin.key == cell.key
+
+
+def test_set_overrides_base_and_replaces_axes(write_grid):
+    grid = load_grid(write_grid(GRID), ["train.epochs=2", "model.depth=20", "seeds=[5]"])
+    assert {c.config.train.epochs for c in grid.cells} == {2}
+    assert {c.config.model.depth for c in grid.cells} == {20}
+    assert {c.config.seed for c in grid.cells} == {5}
+    assert len(grid.cells) == 2
+
+
+def test_defaults_resolve_per_architecture():
+    assert ModelSpec().depth == 20 and ModelSpec().width == 16
+    tutorial = ModelSpec(arch="tutorial")
+    assert (tutorial.depth, tutorial.width) == (18, 64)
+    assert ModelSpec(block="bottleneck").depth == 20  # 9n+2 with n=2
+
+
+@pytest.mark.parametrize(
+    ("arch", "block", "depth", "units"),
+    [("cifar", "basic", 20, 3), ("cifar", "basic", 110, 18), ("cifar", "bottleneck", 164, 18),
+     ("tutorial", "basic", 18, 2), ("tutorial", "bottleneck", 26, 2)],
+)
+def test_units_per_stage(arch, block, depth, units):
+    assert units_per_stage(arch, block, depth) == units
+
+
+def test_every_field_name_is_addressable():
+    names = field_names()
+    assert "model.depth" in names and "train.lr" in names and "data.train_subset" in names
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_validates(path):
+    grid = load_grid(path)
+    assert grid.cells
+    assert grid.name == path.stem
+
+
+# --- mistakes -----------------------------------------------------------------------------
+
+BAD = {
+    "unknown top-level key": (GRID + "sedes: [1]\n", ["sedes", "unknown key"]),
+    "unknown base section": (GRID.replace("base:", "base:\n  optim: {lr: 1}"), ["base.optim"]),
+    "unknown model key": (GRID.replace("width: 16", "widht: 16"), ["base.model.widht", "width"]),
+    "unknown train key": (GRID.replace("gamma: 0.1", "gama: 0.1"), ["base.train.gama", "gamma"]),
+    "wrong type": (GRID.replace("epochs: 12", "epochs: twelve"), ["base.train.epochs", "integer"]),
+    "bool is not an int": (GRID.replace("epochs: 12", "epochs: yes"), ["base.train.epochs"]),
+    "unknown choice": (GRID.replace("block: basic", "block: bottlenek"),
+                       ["base.model.block", "bottlenek", "bottleneck"]),
+    "basic depth 21": (GRID.replace("[20, 56, 110]", "[20, 21]"), ["model.depth", "6n+2", "21"]),
+    "bottleneck depth 32": (GRID.replace("block: basic", "block: bottleneck").replace(
+        "[20, 56, 110]", "[32]"), ["depth 32", "9n+2"]),
+    "axis names no field": (GRID.replace("model.depth:", "model.deep:"),
+                            ["grid", "model.deep", "not a field"]),
+    "axis without section": (GRID.replace("model.depth:", "depth:"), ["'depth'", "model.depth"]),
+    "empty axis": (GRID.replace("[20, 56, 110]", "[]"), ["grid.model.depth", "empty"]),
+    "empty grid": (GRID.split("grid:")[0] + "grid: {}\nseeds: [0]\n", ["grid", "empty"]),
+    "missing grid": (GRID.split("grid:")[0] + "seeds: [0]\n", ["grid", "empty"]),
+    "no seeds": (GRID.replace("seeds: [0, 1, 2]", "seeds: []"), ["seeds"]),
+    "repeated seed": (GRID.replace("seeds: [0, 1, 2]", "seeds: [1, 1]"), ["seeds", "repeat"]),
+    "exclude names no field": (GRID.replace("{model.shortcut: none,", "{model.shortcat: none,"),
+                               ["exclude[0]", "model.shortcat"]),
+    "exclude everything": (GRID.replace("{model.shortcut: none, model.depth: 110}",
+                                        "{data.name: fashion-mnist}"), ["exclude", "every cell"]),
+    "bad name": (GRID.replace("degradation-fmnist", "Degradation FMNIST"), ["name", "a-z0-9"]),
+    "milestone beyond the run": (GRID.replace("[0.5, 0.75]", "[0.5, 1.5]"), ["milestones"]),
+    "negative lr": (GRID.replace("lr: 0.1,", "lr: -0.1,"), ["base.train.lr"]),
+    "val split out of range": (GRID.replace("augment: true", "augment: true, val_split: 1.5"),
+                               ["val_split"]),
+    "grid is a list": (GRID.replace("grid:\n", "grid:\n  - x\n").split("  model.shortcut")[0]
+                       + "seeds: [0]\n", ["grid"]),
+    "not a mapping": ("- just\n- a list\n", ["mapping"]),
+    "exclude matches nothing": (GRID.replace("model.depth: 110}", "model.depth: 100}"),
+                                ["exclude[0]", "matches no cell"]),
+    "duplicate axis value": (GRID.replace("[20, 56, 110]", "[20, 20]"), ["listed twice"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD), ids=str)
+def test_mistakes_get_one_clear_message(write_grid, case):
+    text, needles = BAD[case]
+    path = write_grid(text)
+    with pytest.raises(GridError) as err:
+        load_grid(path)
+    message = str(err.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, message
+    assert "\n" not in message.strip()
+    assert "Traceback" not in message and "pydantic" not in message
+
+
+def test_yaml_syntax_error_names_the_line(write_grid):
+    path = write_grid("name: x\nbase: {model: {depth: 20}\ngrid:\n  model.depth: [20]\n")
+    with pytest.raises(GridError, match=r"grid\.yaml:\d+:\d+: YAML syntax error"):
+        load_grid(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GridError, match="no such grid file"):
+        load_grid(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("train.epochs", "key=value"), ("=3", "key=value"), ("train.epoch=3", "train.epoch"),
+     ("train.epochs=0", "base.train.epochs"), ("model.block=bottlenek", "bottlenek"),
+     ("model.depth=21", "6n+2"), ("epochs=3", "did you mean train.epochs")],
+)
+def test_bad_overrides(write_grid, override, needle):
+    with pytest.raises(GridError) as err:
+        load_grid(write_grid(GRID), [override])
+    assert needle in str(err.value)
