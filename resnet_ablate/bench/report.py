@@ -1,0 +1,216 @@
+"""How long `build_report` takes on a large grid: fill a temporary store, then time the report.
+
+    python -m resnet_ablate.bench.report --runs 100 --epochs 164
+
+The store is filled through tracking.py, as the runner fills it (a run per cell, flat params,
+per-epoch metrics, final metrics, config/final/grad_flow artifacts), with synthetic curves shaped
+like the paper's: plain nets train worse the deeper they are, residual nets better. Exit code 1
+when the report takes longer than --budget seconds. The helpers here also fill the test stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import tracking
+
+if TYPE_CHECKING:
+    from ..config import Cell, Grid
+    from ..tracking import Store
+
+#: Provenance that synthetic runs carry instead of the real one (no torch import, no git call).
+SYNTHETIC_PROVENANCE = {
+    "ablate.git_commit": "synthetic",
+    "ablate.torch_version": "synthetic",
+    "ablate.device": "synthetic",
+    "ablate.precision": "fp32",
+}
+
+
+@contextlib.contextmanager
+def synthetic_provenance(tags: Mapping[str, str] = SYNTHETIC_PROVENANCE) -> Iterator[None]:
+    """Tag runs written inside the block with `tags` instead of this checkout's provenance."""
+    real = tracking.provenance
+    tracking.provenance = lambda: dict(tags)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tracking.provenance = real  # type: ignore[assignment]
+
+
+def synthetic_curves(
+    final_train: float,
+    final_test: float,
+    epochs: int,
+    rng: np.random.Generator,
+    start: float = 90.0,
+) -> dict[str, list[float]]:
+    """Error curves (%) that fall from `start` to the given final values, with a little noise."""
+    t = np.arange(1, epochs + 1) / epochs
+    shape = np.exp(-6.0 * t)
+    shape = (shape - shape[-1]) / (shape[0] - shape[-1])  # 1 at epoch 1, 0 at the last epoch
+    noise = rng.normal(0.0, 0.15, epochs) * shape
+    train = final_train + (start - final_train) * shape + noise
+    test = final_test + (start - final_test) * shape + noise
+    return {"train_err": train.tolist(), "test_err": test.tolist()}
+
+
+def synthetic_grad_flow(depth: int, shortcut: str, epochs: int) -> dict[str, Any]:
+    """Per-layer gradient norms that grow toward the input: steeply for plain nets, gently for
+    residual ones (as measured with batch norm at initialisation), flatter after training."""
+    layers = ["stem.conv"] + [f"stage{1 + 3 * i // (depth - 2)}.{i}.conv" for i in range(depth - 2)]
+    decades = (6.0 if shortcut == "none" else 2.0) * depth / 110
+    position = np.linspace(1.0, 0.0, len(layers))  # 1 at the input, 0 at the last conv
+    first = 1e-3 * 10 ** (decades * position)
+    last = 1e-3 * 10 ** (0.3 * decades * position)
+    return {
+        "layers": layers,
+        "epochs": {"1": first.tolist(), str(epochs): last.tolist()},
+        "when": {"1": "initialisation (before the first step)", str(epochs): "end of training"},
+    }
+
+
+def write_cell(
+    store: Store,
+    experiment_id: str,
+    parent_id: str,
+    cell: Cell,
+    curves: Mapping[str, list[float]],
+    *,
+    status: str = "finished",
+    reason: str = "",
+    params: float = 0.85e6,
+    macs: float = 125e6,
+    seconds_per_epoch: float = 20.0,
+    grad_flow: dict[str, Any] | None = None,
+) -> str:
+    """Write one cell's run as the runner would, with the given curves; return its run id."""
+    from mlflow.entities import Metric
+
+    run_id = tracking.start_cell_run(store, experiment_id, parent_id, cell, tags={})
+    tracking.log_metrics(store, run_id, {"model_params": params, "model_macs": macs}, step=0)
+    tracking.log_json(store, run_id, "config.json", {"key": cell.key, "label": cell.label})
+    epochs = len(curves["train_err"])
+    t0 = int(time.time() * 1000)
+    batch = []
+    for i in range(epochs):
+        values = {k: v[i] for k, v in curves.items()}
+        values.setdefault("lr", 0.1)
+        values.setdefault("epoch_seconds", seconds_per_epoch)
+        values.setdefault("images_per_second", 50_000 / seconds_per_epoch)
+        values.setdefault("train_loss", values["train_err"] / 40)
+        values.setdefault("test_loss", values.get("test_err", math.nan) / 40)
+        batch += [Metric(k, float(v), t0 + 1000 * i, i + 1) for k, v in values.items()]
+    # One batch call per 1000 values: the record is the same as the runner's per-epoch batches.
+    for i in range(0, len(batch), 1000):
+        store.client.log_batch(run_id, metrics=batch[i : i + 1000])
+    if status in ("finished", "diverged") and epochs:
+        test = [v for v in curves.get("test_err", []) if math.isfinite(v)]
+        final = {
+            "final_train_err": curves["train_err"][-1],
+            "wall_seconds": seconds_per_epoch * epochs,
+        }
+        if test:
+            best = int(np.argmin(test))
+            final |= {
+                "final_test_err": test[-1],
+                "best_test_err": test[best],
+                "best_test_epoch": best + 1,
+            }
+        tracking.log_metrics(store, run_id, final, step=epochs)
+        tracking.log_json(store, run_id, "final_metrics.json", final | {"status": status})
+    if grad_flow is not None:
+        tracking.log_json(store, run_id, "grad_flow.json", grad_flow)
+    if status != "running":
+        tracking.end_cell_run(store, run_id, status, reason)
+    return run_id
+
+
+def benchmark_grid(folder: Path, runs: int, epochs: int) -> Grid:
+    """plain/residual × 5 depths × post/pre order, seeds enough for `runs` cells (CIFAR-10)."""
+    from ..config import load_grid
+
+    seeds = max(1, math.ceil(runs / 20))
+    path = folder / "bench-report.yaml"
+    path.write_text(
+        "name: bench-report\n"
+        "description: synthetic runs for the report benchmark\n"
+        "base:\n"
+        "  data: {name: cifar10}\n"
+        f"  train: {{epochs: {epochs}}}\n"
+        "grid:\n"
+        "  model.shortcut: [none, identity]\n"
+        "  model.depth: [20, 32, 44, 56, 110]\n"
+        "  model.order: [post, pre]\n"
+        f"seeds: {list(range(seeds))}\n",
+        encoding="utf-8",
+    )
+    return load_grid(path)
+
+
+def fill(store: Store, grid: Grid, runs: int, seed: int = 0) -> None:
+    """Write synthetic runs for the first `runs` cells of the grid (the rest stay new)."""
+    rng = np.random.default_rng(seed)
+    experiment_id = store.experiment_id(grid.name, grid.spec.description)
+    with synthetic_provenance():
+        parent = tracking.grid_run_id(store, experiment_id, grid)
+        for cell in grid.cells[:runs]:
+            m = cell.config.model
+            epochs = cell.config.train.epochs
+            final = 5.0 + 0.08 * m.depth if m.shortcut == "none" else 7.0 - 0.02 * m.depth
+            final += rng.normal(0, 0.2)
+            curves = synthetic_curves(final, final + 1.5, epochs, rng)
+            flow = synthetic_grad_flow(m.depth, m.shortcut, epochs)
+            write_cell(store, experiment_id, parent, cell, curves, grad_flow=flow)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=164)
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds allowed")
+    parser.add_argument(
+        "--keep", type=Path, help="write store and report here instead of a temp dir"
+    )
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ablate-bench-report-") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = benchmark_grid(folder, args.runs, args.epochs)
+        t0 = time.perf_counter()
+        store = tracking.open_store(tracking.default_uri(folder), folder)
+        fill(store, grid, args.runs)
+        filled = time.perf_counter() - t0
+        print(f"filled {args.runs} runs × {args.epochs} epochs in {filled:.1f} s")
+
+        from ..report import build_report
+
+        t0 = time.perf_counter()
+        store = tracking.open_store(tracking.default_uri(folder), folder)
+        opened = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path = build_report(grid, store, folder / grid.name)
+        seconds = time.perf_counter() - t0
+        size = path.stat().st_size / 1e6
+        print(f"opened the store in {opened:.2f} s")
+        print(f"build_report: {seconds:.2f} s for {args.runs} runs ({size:.1f} MB of HTML)")
+        if seconds > args.budget:
+            print(f"SLOW: over the {args.budget:g} s budget", file=sys.stderr)
+            return 1
+        print(f"OK: under the {args.budget:g} s budget")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

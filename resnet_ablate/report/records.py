@@ -1,0 +1,310 @@
+"""What a grid left in MLflow, as tables: one row per grid cell, and the epoch curves.
+
+Everything is read from the tracking store (never from the trainer), so a report can be rebuilt at
+any time. Metric histories are read in bulk, one query per metric key for all runs, where the
+store allows it (the SQLAlchemy store behind ``sqlite:///``); elsewhere one call per run and key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import pandas as pd
+
+from ..tracking import (
+    TAG_LABEL,
+    TAG_REASON,
+    Store,
+    cell_runs,
+    cell_status,
+    ui_url,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from ..config import Cell, Grid
+
+_PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+#: Per-epoch metrics the report draws or summarises.
+CURVE_KEYS = ("train_err", "test_err")
+SPEED_KEY = "images_per_second"
+FINAL_KEYS = (
+    "final_train_err",
+    "final_test_err",
+    "best_test_err",
+    "best_test_epoch",
+    "wall_seconds",
+    "model_params",
+    "model_macs",
+)
+PROVENANCE_TAGS = {
+    "ablate.git_commit": "git commit",
+    "ablate.torch_version": "torch",
+    "ablate.version": "resnet-ablate",
+    "ablate.device": "device",
+    "ablate.precision": "precision",
+    "ablate.settings": "settings",
+}
+#: Columns of the per-cell table, in the order of summary.csv.
+CELL_COLUMNS = [
+    "label",
+    "status",
+    "reason",
+    "config",
+    "context",
+    "family",
+    "shortcut",
+    "depth",
+    "block",
+    "order",
+    "arch",
+    "dataset",
+    "seed",
+    "params",
+    "macs",
+    "final_train_err",
+    "final_test_err",
+    "best_test_err",
+    "best_test_epoch",
+    "epochs_done",
+    "epochs",
+    "wall_seconds",
+    "images_per_second",
+    "key",
+    "run_id",
+    "url",
+    "artifact_uri",
+]
+
+
+@dataclass
+class Records:
+    """The grid's cells joined with their runs, the epoch curves and the runs outside the grid."""
+
+    cells: pd.DataFrame
+    curves: pd.DataFrame
+    others: pd.DataFrame
+    experiment_id: str | None
+    provenance: dict[str, list[str]] = field(default_factory=dict)
+
+
+def label_parts(cell: Cell) -> dict[str, str]:
+    """A cell's network (`plain-56`), configuration (its label without the seed) and context.
+
+    The context is everything that is neither the shortcut kind, the depth nor the seed
+    (`basic post`, `bottleneck pre lr=0.05`): cells of one context differ only in those.
+    """
+    m = cell.config.model
+    tokens = cell.label.split(" ")
+    at = 1 if m.arch != "cifar" else 0
+    net = tokens[at]
+    context = tokens[:at] + tokens[at + 1 : -1]
+    return {
+        "net": net,
+        "config": " ".join(tokens[:-1]),
+        "context": " ".join(context),
+    }
+
+
+def load_records(grid: Grid, store: Store) -> Records:
+    """Read the grid's experiment: every cell of the grid file, with its run when it has one."""
+    found = store.client.get_experiment_by_name(grid.name)
+    if found is None or found.lifecycle_stage != "active":
+        runs: dict[str, Run] = {}
+        experiment_id = None
+    else:
+        experiment_id = found.experiment_id
+        runs = cell_runs(store, experiment_id)
+
+    keys = {cell.key for cell in grid.cells}
+    mine = [runs[c.key].info.run_id for c in grid.cells if c.key in runs]
+    histories = read_histories(store, mine, (*CURVE_KEYS, SPEED_KEY))
+    speed = _median_speed(histories)
+    epochs_done = _epochs_done(histories)
+
+    rows = [
+        _cell_row(cell, runs.get(cell.key), store, experiment_id, speed, epochs_done)
+        for cell in grid.cells
+    ]
+    cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    curves = _curves(histories, cells)
+    others = _other_runs(runs, keys, store, experiment_id)
+    provenance = _provenance([runs[c.key] for c in grid.cells if c.key in runs])
+    return Records(cells, curves, others, experiment_id, provenance)
+
+
+def _number(metrics: dict[str, float], key: str) -> float:
+    value = metrics.get(key)
+    return float(value) if value is not None else math.nan
+
+
+def _cell_row(
+    cell: Cell,
+    run: Run | None,
+    store: Store,
+    experiment_id: str | None,
+    speed: dict[str, float],
+    epochs_done: dict[str, int],
+) -> dict[str, Any]:
+    m = cell.config.model
+    parts = label_parts(cell)
+    row: dict[str, Any] = {
+        "label": cell.label,
+        "status": cell_status(run),
+        "reason": "",
+        "config": parts["config"],
+        "context": parts["context"],
+        "family": m.family,
+        "shortcut": m.shortcut,
+        "depth": m.depth,
+        "block": m.block,
+        "order": m.order,
+        "arch": m.arch,
+        "dataset": cell.config.data.name,
+        "seed": cell.config.seed,
+        "epochs": cell.config.train.epochs,
+        "key": cell.key,
+        "run_id": "",
+        "url": "",
+        "artifact_uri": "",
+    }
+    metrics: dict[str, float] = {}
+    if run is not None:
+        run_id = run.info.run_id
+        metrics = run.data.metrics
+        row["reason"] = run.data.tags.get(TAG_REASON, "")
+        row["run_id"] = run_id
+        row["artifact_uri"] = run.info.artifact_uri or ""
+        row["url"] = ui_url(store.uri, experiment_id or "", run_id)
+        row["images_per_second"] = speed.get(run_id, math.nan)
+        row["epochs_done"] = epochs_done.get(run_id, 0)
+    else:
+        row["images_per_second"] = math.nan
+        row["epochs_done"] = 0
+    row["params"] = _number(metrics, "model_params")
+    row["macs"] = _number(metrics, "model_macs")
+    for key in FINAL_KEYS[:5]:
+        row[key] = _number(metrics, key)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Metric histories.
+
+
+def read_histories(store: Store, run_ids: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Every logged value of `keys` for `run_ids`: columns run_id, key, step, value.
+
+    When a step was logged twice (a resumed epoch), the later value wins.
+    """
+    backend = getattr(getattr(store.client, "_tracking_client", None), "store", None)
+    bulk = getattr(backend, "get_metric_history_bulk", None)
+    records: list[tuple[str, str, int, float, int]] = []
+    for key in keys:
+        if bulk is not None:
+            for i in range(0, len(run_ids), 500):
+                chunk = run_ids[i : i + 500]
+                for m in bulk(chunk, key, max_results=2**31 - 1):
+                    records.append((m.run_id, key, m.step, m.value, m.timestamp))
+        else:
+            for run_id in run_ids:
+                for m in store.client.get_metric_history(run_id, key):
+                    records.append((run_id, key, m.step, m.value, m.timestamp))
+    frame = pd.DataFrame(records, columns=["run_id", "key", "step", "value", "timestamp"])
+    frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
+    frame = frame.drop_duplicates(["run_id", "key", "step"], keep="last")
+    return frame.drop(columns="timestamp").reset_index(drop=True)
+
+
+def _median_speed(histories: pd.DataFrame) -> dict[str, float]:
+    """Median images/s over epochs, leaving out the first epoch (warm-up, graph capture)."""
+    speed = histories[histories["key"] == SPEED_KEY]
+    later = speed[speed["step"] > 1]
+    chosen = pd.concat([later, speed[~speed["run_id"].isin(later["run_id"])]])
+    return chosen.groupby("run_id")["value"].median().to_dict()
+
+
+def _epochs_done(histories: pd.DataFrame) -> dict[str, int]:
+    train = histories[histories["key"] == "train_err"]
+    return train.groupby("run_id")["step"].max().astype(int).to_dict()
+
+
+def _curves(histories: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Long table: run_id, key, epoch, error (%), joined with each cell's descriptive columns."""
+    curves = histories[histories["key"].isin(CURVE_KEYS)].rename(
+        columns={"step": "epoch", "value": "error"}
+    )
+    info = cells.loc[
+        cells["run_id"] != "",
+        ["run_id", "label", "config", "context", "family", "depth", "seed", "status"],
+    ]
+    return curves.merge(info, on="run_id", how="inner")
+
+
+def _other_runs(
+    runs: dict[str, Run], keys: set[str], store: Store, experiment_id: str | None
+) -> pd.DataFrame:
+    rows = [
+        {
+            "label": run.data.tags.get(TAG_LABEL, run.info.run_name or ""),
+            "status": cell_status(run),
+            "key": key,
+            "url": ui_url(store.uri, experiment_id or "", run.info.run_id),
+        }
+        for key, run in runs.items()
+        if key not in keys
+    ]
+    return pd.DataFrame(rows, columns=["label", "status", "key", "url"]).sort_values("label")
+
+
+def _provenance(runs: list[Run]) -> dict[str, list[str]]:
+    """Each provenance tag's distinct values over the grid's runs (one commit, ideally)."""
+    found: dict[str, list[str]] = {}
+    for tag, name in PROVENANCE_TAGS.items():
+        values = sorted({run.data.tags[tag] for run in runs if run.data.tags.get(tag)})
+        if values:
+            found[name] = values
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts.
+
+
+def load_grad_flow(store: Store, run_id: str, artifact_uri: str = "") -> dict[str, Any] | None:
+    """The run's grad_flow.json (layers in depth order, norms per logged epoch), or None."""
+    try:
+        if artifact_uri.startswith("file:"):  # local artifacts: read in place, no copy
+            path = Path(url2pathname(urlsplit(artifact_uri).path)) / "grad_flow.json"
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            payload = _download_json(store, run_id, "grad_flow.json")
+    except Exception:  # missing artifact, unreadable file: the report says so instead
+        return None
+    if not isinstance(payload, dict) or not payload.get("layers") or not payload.get("epochs"):
+        return None
+    return payload
+
+
+def _download_json(store: Store, run_id: str, name: str) -> Any:
+    """Fetch one small JSON artifact through the client (no progress bar on the terminal)."""
+    previous = os.environ.get(_PROGRESS)
+    os.environ[_PROGRESS] = "false"
+    try:
+        with tempfile.TemporaryDirectory(prefix="ablate-report-") as tmp:
+            path = store.client.download_artifacts(run_id, name, tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    finally:
+        if previous is None:
+            os.environ.pop(_PROGRESS, None)
+        else:
+            os.environ[_PROGRESS] = previous
