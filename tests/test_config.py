@@ -1,4 +1,4 @@
-"""The grid file: expansion into cells, keys and labels, overrides, and every mistake a user makes."""
+"""The grid file: expansion into cells, keys, labels, overrides, and every user mistake."""
 
 from __future__ import annotations
 
@@ -95,8 +95,13 @@ def test_defaults_resolve_per_architecture():
 
 @pytest.mark.parametrize(
     ("arch", "block", "depth", "units"),
-    [("cifar", "basic", 20, 3), ("cifar", "basic", 110, 18), ("cifar", "bottleneck", 164, 18),
-     ("tutorial", "basic", 18, 2), ("tutorial", "bottleneck", 26, 2)],
+    [
+        ("cifar", "basic", 20, 3),
+        ("cifar", "basic", 110, 18),
+        ("cifar", "bottleneck", 164, 18),
+        ("tutorial", "basic", 18, 2),
+        ("tutorial", "bottleneck", 26, 2),
+    ],
 )
 def test_units_per_stage(arch, block, depth, units):
     assert units_per_stage(arch, block, depth) == units
@@ -124,33 +129,49 @@ BAD = {
     "unknown train key": (GRID.replace("gamma: 0.1", "gama: 0.1"), ["base.train.gama", "gamma"]),
     "wrong type": (GRID.replace("epochs: 12", "epochs: twelve"), ["base.train.epochs", "integer"]),
     "bool is not an int": (GRID.replace("epochs: 12", "epochs: yes"), ["base.train.epochs"]),
-    "unknown choice": (GRID.replace("block: basic", "block: bottlenek"),
-                       ["base.model.block", "bottlenek", "bottleneck"]),
+    "unknown choice": (
+        GRID.replace("block: basic", "block: bottlenek"),
+        ["base.model.block", "bottlenek", "bottleneck"],
+    ),
     "basic depth 21": (GRID.replace("[20, 56, 110]", "[20, 21]"), ["model.depth", "6n+2", "21"]),
-    "bottleneck depth 32": (GRID.replace("block: basic", "block: bottleneck").replace(
-        "[20, 56, 110]", "[32]"), ["depth 32", "9n+2"]),
-    "axis names no field": (GRID.replace("model.depth:", "model.deep:"),
-                            ["grid", "model.deep", "not a field"]),
+    "bottleneck depth 32": (
+        GRID.replace("block: basic", "block: bottleneck").replace("[20, 56, 110]", "[32]"),
+        ["depth 32", "9n+2"],
+    ),
+    "axis names no field": (
+        GRID.replace("model.depth:", "model.deep:"),
+        ["grid", "model.deep", "not a field"],
+    ),
     "axis without section": (GRID.replace("model.depth:", "depth:"), ["'depth'", "model.depth"]),
     "empty axis": (GRID.replace("[20, 56, 110]", "[]"), ["grid.model.depth", "empty"]),
     "empty grid": (GRID.split("grid:")[0] + "grid: {}\nseeds: [0]\n", ["grid", "empty"]),
     "missing grid": (GRID.split("grid:")[0] + "seeds: [0]\n", ["grid", "empty"]),
     "no seeds": (GRID.replace("seeds: [0, 1, 2]", "seeds: []"), ["seeds"]),
     "repeated seed": (GRID.replace("seeds: [0, 1, 2]", "seeds: [1, 1]"), ["seeds", "repeat"]),
-    "exclude names no field": (GRID.replace("{model.shortcut: none,", "{model.shortcat: none,"),
-                               ["exclude[0]", "model.shortcat"]),
-    "exclude everything": (GRID.replace("{model.shortcut: none, model.depth: 110}",
-                                        "{data.name: fashion-mnist}"), ["exclude", "every cell"]),
+    "exclude names no field": (
+        GRID.replace("{model.shortcut: none,", "{model.shortcat: none,"),
+        ["exclude[0]", "model.shortcat"],
+    ),
+    "exclude everything": (
+        GRID.replace("{model.shortcut: none, model.depth: 110}", "{data.name: fashion-mnist}"),
+        ["exclude", "every cell"],
+    ),
     "bad name": (GRID.replace("degradation-fmnist", "Degradation FMNIST"), ["name", "a-z0-9"]),
     "milestone beyond the run": (GRID.replace("[0.5, 0.75]", "[0.5, 1.5]"), ["milestones"]),
     "negative lr": (GRID.replace("lr: 0.1,", "lr: -0.1,"), ["base.train.lr"]),
-    "val split out of range": (GRID.replace("augment: true", "augment: true, val_split: 1.5"),
-                               ["val_split"]),
-    "grid is a list": (GRID.replace("grid:\n", "grid:\n  - x\n").split("  model.shortcut")[0]
-                       + "seeds: [0]\n", ["grid"]),
+    "val split out of range": (
+        GRID.replace("augment: true", "augment: true, val_split: 1.5"),
+        ["val_split"],
+    ),
+    "grid is a list": (
+        GRID.replace("grid:\n", "grid:\n  - x\n").split("  model.shortcut")[0] + "seeds: [0]\n",
+        ["grid"],
+    ),
     "not a mapping": ("- just\n- a list\n", ["mapping"]),
-    "exclude matches nothing": (GRID.replace("model.depth: 110}", "model.depth: 100}"),
-                                ["exclude[0]", "matches no cell"]),
+    "exclude matches nothing": (
+        GRID.replace("model.depth: 110}", "model.depth: 100}"),
+        ["exclude[0]", "matches no cell"],
+    ),
     "duplicate axis value": (GRID.replace("[20, 56, 110]", "[20, 20]"), ["listed twice"]),
 }
 
@@ -182,9 +203,15 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("train.epochs", "key=value"), ("=3", "key=value"), ("train.epoch=3", "train.epoch"),
-     ("train.epochs=0", "base.train.epochs"), ("model.block=bottlenek", "bottlenek"),
-     ("model.depth=21", "6n+2"), ("epochs=3", "did you mean train.epochs")],
+    [
+        ("train.epochs", "key=value"),
+        ("=3", "key=value"),
+        ("train.epoch=3", "train.epoch"),
+        ("train.epochs=0", "base.train.epochs"),
+        ("model.block=bottlenek", "bottlenek"),
+        ("model.depth=21", "6n+2"),
+        ("epochs=3", "did you mean train.epochs"),
+    ],
 )
 def test_bad_overrides(write_grid, override, needle):
     with pytest.raises(GridError) as err:

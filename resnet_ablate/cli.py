@@ -1,0 +1,304 @@
+"""`ablate`: run a grid, rebuild its report, list its cells, open the MLflow UI, benchmark, tune.
+
+Heavy imports (torch, mlflow) happen inside the commands, so `ablate --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from . import tracking
+    from .config import Grid
+    from .runner import PlanRow
+
+app = typer.Typer(
+    name="ablate",
+    help="Architecture ablations of residual networks, tracked in MLflow, reported in HTML.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+GridArg = Annotated[Path, typer.Argument(help="Grid file (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a field: --set train.epochs=2 (repeatable).", metavar="KEY=VALUE"
+    ),
+]
+ResultsOpt = Annotated[
+    Path, typer.Option(help="Folder for reports, the embedded MLflow store and checkpoints.")
+]
+UriOpt = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)."),
+]
+
+
+def _grid(path: Path, overrides: list[str] | None) -> Grid:
+    from .config import load_grid
+
+    return load_grid(path, overrides or [])
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+@app.command()
+def run(
+    grid_file: GridArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List cells; train nothing.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Cells trained at once.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 where fast), bf16 or fp32.")] = "auto",
+    cuda_graph: Annotated[bool, typer.Option(help="Replay each step as a CUDA graph.")] = True,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="Queue storage: a journal file or a database URL shared by machines."),
+    ] = None,
+    tuned: Annotated[
+        bool, typer.Option("--tuned", help="Use each cell's best values from `ablate tune`.")
+    ] = False,
+    report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
+) -> None:
+    """Train every cell of a grid that is not done yet, then write its report."""
+    grid = _grid(grid_file, set_)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision {precision}: choose auto, bf16 or fp32")
+    settings = "default"
+    if tuned:
+        from .tune import apply_tuned
+
+        grid, settings = apply_tuned(grid, results=results, queue=queue)
+    if dry_run:
+        _dry_run(grid, results, tracking_uri)
+        return
+
+    from .runner import RunOptions, run_grid
+    from .train import ExecOptions
+
+    options = RunOptions(
+        results=results,
+        tracking_uri=tracking_uri,
+        queue=queue,
+        workers=workers,
+        exec=ExecOptions(
+            device=device, precision=precision, cuda_graph=cuda_graph, compile=compile_
+        ),
+        settings=settings,
+    )
+    outcome = run_grid(grid, options, console)
+    for key, reason in outcome.reasons.items():
+        label = next(c.label for c in grid.cells if c.key == key)
+        errors.print(f"[yellow]{label}[/]: {reason}")
+    for crash in outcome.crashes:
+        errors.print(f"[red]worker crashed:[/] {crash}")
+    if outcome.interrupted:
+        errors.print("Interrupted: checkpoints are kept; run the same command again to resume.")
+        raise typer.Exit(130)
+    trained = len(outcome.trained)
+    console.print(
+        f"{grid.name}: {trained} cell(s) trained, {outcome.done} already done, "
+        f"{outcome.total} in the grid"
+        + (f"; {outcome.elsewhere} still running elsewhere" if outcome.elsewhere else "")
+    )
+    if report:
+        _write_report(grid, results, tracking_uri)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
+    """The cell table with sizes and states; reads the store only if it exists."""
+    from .data import input_shape
+    from .models import build_model, describe
+    from .runner import states
+
+    store = _existing_store(results, tracking_uri)
+    rows = {row.cell.key: row.status for row in states(grid, store)}
+    sizes: dict[Any, Any] = {}
+    table = Table(title=f"{grid.name}: {len(grid.cells)} cells", title_justify="left")
+    for column in ["label", "key", *grid.axes, "params", "MACs", "status"]:
+        table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
+    for cell in grid.cells:
+        channels, size, classes = input_shape(cell.config.data)
+        spec = (cell.config.model, channels, size, classes)
+        if spec not in sizes:
+            model = build_model(cell.config.model, channels, classes)
+            sizes[spec] = describe(model, (channels, size, size))
+        info = sizes[spec]
+        flat = cell.params
+        table.add_row(
+            cell.label,
+            cell.key,
+            *[_fmt(flat[a]) for a in grid.axes],
+            f"{info.params / 1e6:.2f}M",
+            f"{info.macs / 1e6:.1f}M",
+            rows[cell.key],
+        )
+    console.print(table)
+    console.print(f"{len(grid.cells)} cells; dry run, nothing trained or written.")
+
+
+def _existing_store(results: Path, tracking_uri: str | None) -> tracking.Store | None:
+    """The tracking store if it exists already (an embedded one is never created here)."""
+    from . import tracking
+
+    uri = tracking.resolve_uri(tracking_uri, results)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    return tracking.open_store(uri, results)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
+    from . import tracking
+    from .report import build_report
+
+    store = tracking.open_store(tracking_uri, results)
+    path = build_report(grid, store, results / grid.name)
+    console.print(f"report: {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# report, ls, ui
+
+
+@app.command()
+def report(
+    grid_file: GridArg,
+    set_: SetOpt = None,
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+) -> None:
+    """Rebuild a grid's HTML report from MLflow alone."""
+    grid = _grid(grid_file, set_)
+    _require_store(grid, results, tracking_uri)
+    _write_report(grid, results, tracking_uri)
+
+
+def _require_store(grid: Grid, results: Path, tracking_uri: str | None) -> None:
+    if _existing_store(results, tracking_uri) is None:
+        raise UserError(
+            f"{results / 'mlflow.db'}: no MLflow store yet; run `ablate run {grid.path}` first, "
+            f"or pass --results/--tracking-uri"
+        )
+
+
+@app.command("ls")
+def list_cells(
+    grid_file: GridArg,
+    set_: SetOpt = None,
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+) -> None:
+    """List a grid's cells with their state and final errors."""
+    from .runner import states
+
+    grid = _grid(grid_file, set_)
+    _print_rows(grid, states(grid, _existing_store(results, tracking_uri)))
+
+
+def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
+    from .progress import STYLE
+
+    table = Table(title=f"{grid.name}: {len(rows)} cells", title_justify="left")
+    for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run"]:
+        table.add_column(column)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+        m = row.metrics
+        epochs = m.get("epochs_done")
+        table.add_row(
+            row.cell.label,
+            row.cell.key,
+            f"[{STYLE.get(row.status, 'white')}]{row.status}[/]",
+            f"{epochs:.0f}" if epochs is not None else "",
+            _pct(m.get("final_train_err", m.get("train_err"))),
+            _pct(m.get("final_test_err", m.get("test_err"))),
+            row.run_id or "",
+        )
+    console.print(table)
+    console.print(", ".join(f"{n} {status}" for status, n in counts.items()))
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+@app.command()
+def ui(
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 over the grid store, to compare runs side by side."""
+    import os
+
+    from . import tracking
+
+    uri = tracking.resolve_uri(tracking_uri, results)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"The tracking server {uri} has its own UI: open it in a browser.")
+        return
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if uri.startswith("sqlite:///"):
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        command += ["--artifacts-destination", root.resolve().as_uri()]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    os.execv(sys.executable, command)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def main() -> None:
+    """Console script: user errors become one line and exit code 2; Ctrl-C exits 130."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except UserError as err:
+        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        errors.print("Interrupted.")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
