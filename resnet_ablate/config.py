@@ -436,7 +436,35 @@ def expand(raw: Mapping[str, Any], path: Path, sliced: bool = False) -> Grid:
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise GridError(f"{path}: two cells resolve to the same configuration; remove the repeat")
+    if spec.tune is not None:
+        _check_tune(spec, cells, path)
     return Grid(spec=spec, cells=tuple(cells), path=path)
+
+
+def _check_tune(spec: GridFile, cells: list[Cell], path: Path) -> None:
+    """A search space names train fields that no axis varies, with values a cell accepts."""
+    assert spec.tune is not None
+    for name, space in spec.tune.params.items():
+        where = f"{path}: tune.params.{name}"
+        section, fname = _check_field(name, f"{path}: tune.params")
+        if section != "train":
+            raise GridError(
+                f"{where}: only train.* fields are tuned (the architecture is what is compared)"
+            )
+        if name in spec.grid:
+            raise GridError(f"{where}: is also a grid axis; tune it or vary it, not both")
+        values = space.choices if isinstance(space, Choices) else [space.low, space.high]
+        for value in values:
+            trial = {
+                **cells[0].config.model_dump(),
+                "train": {**cells[0].config.train.model_dump(), fname: value},
+            }
+            _validate(CellConfig, trial, f"{where}: value {_short(value)}")
+    if any(cell.config.data.val_split is None for cell in cells):
+        raise GridError(
+            f"{path}: tune: needs data.val_split (e.g. 0.1): trials are scored on held-out "
+            f"training images, never on the test set"
+        )
 
 
 def _excluded(

@@ -190,6 +190,57 @@ def test_mistakes_get_one_clear_message(write_grid, case):
     assert "Traceback" not in message and "pydantic" not in message
 
 
+TUNE = (
+    GRID.replace("augment: true}", "augment: true, val_split: 0.1}")
+    + """
+tune:
+  params:
+    train.lr: {low: 0.01, high: 0.5, log: true}
+    train.schedule: {choices: [step, cosine]}
+  trials: 4
+  epochs: 2
+"""
+)
+
+
+def test_a_tune_section_validates(write_grid):
+    spec = load_grid(write_grid(TUNE)).spec.tune
+    assert spec.trials == 4 and spec.sampler == "tpe" and spec.pruner == "median"
+    assert spec.params["train.lr"].log
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        (("train.lr:", "train.lrr:"), ["tune.params", "train.lrr", "not a field"]),
+        (("low: 0.01, high: 0.5", "low: 0.5, high: 0.01"), ["train.lr", "above high"]),
+        (("low: 0.01", "low: 0.0"), ["train.lr", "above zero"]),
+        (("train.lr:", "model.width:"), ["model.width", "only train"]),
+        (("[step, cosine]", "[step, cosin]"), ["train.schedule", "cosin"]),
+        (("low: 0.01", "low: -1.0, log: false, x: 1"), ["x", "unknown key"]),
+        (("val_split: 0.1", "augment: true"), ["val_split", "test set"]),
+        (("trials: 4", "trials: 0"), ["tune.trials"]),
+    ],
+)
+def test_tune_mistakes(write_grid, change, needles):
+    text = TUNE.replace(*change)
+    if "augment: true, augment" in text:
+        text = text.replace("augment: true, augment: true", "augment: true")
+    with pytest.raises(GridError) as err:
+        load_grid(write_grid(text))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_tuning_a_grid_axis_is_an_error(write_grid):
+    text = TUNE.replace("model.depth: [20, 56, 110]", "train.lr: [0.1, 0.05]")
+    text = text.replace("  - {model.shortcut: none, model.depth: 110}\n", "").replace(
+        "exclude:\n", ""
+    )
+    with pytest.raises(GridError, match="also a grid axis"):
+        load_grid(write_grid(text))
+
+
 def test_yaml_syntax_error_names_the_line(write_grid):
     path = write_grid("name: x\nbase: {model: {depth: 20}\ngrid:\n  model.depth: [20]\n")
     with pytest.raises(GridError, match=r"grid\.yaml:\d+:\d+: YAML syntax error"):
