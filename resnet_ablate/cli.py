@@ -288,17 +288,15 @@ def ui(
 
 def main() -> None:
     """Console script: user errors become one line and exit code 2; Ctrl-C exits 130."""
-    import click
-
     try:
         code = app(standalone_mode=False)
     except UserError as err:
         errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         errors.print("Interrupted.")
         sys.exit(130)
+    except typer.TyperException as err:  # usage errors, as click reports them
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

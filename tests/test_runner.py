@@ -101,6 +101,37 @@ def test_ls_and_dry_run_show_states(smoke_run):
     assert dry.returncode == 0 and dry.stdout.count("finished") == 2
 
 
+def test_ui_serves_the_grid_store(smoke_run):
+    workdir, _ = smoke_run
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_ablate", "ui", "--port", str(port)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"
+    try:
+        _wait_for(lambda: _get(url) is not None or proc.poll() is not None, timeout=90, every=0.5)
+        body = _get(url)
+        assert body is not None, "the UI did not answer"
+        assert json.loads(body)["experiment"]["name"] == "smoke"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _get(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
 def _wait_for(predicate, timeout: float = 240.0, every: float = 0.2) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
