@@ -53,7 +53,7 @@ class Claim:
     key: str
 
 
-def _alive(trial: optuna.trial.FrozenTrial, now: float) -> bool:
+def owner_alive(trial: optuna.trial.FrozenTrial, now: float) -> bool:
     """Whether a running trial's owner still runs: its pid on this host, else its heartbeat."""
     attrs = trial.user_attrs
     if attrs.get("host") == socket.gethostname() and "pid" in attrs:
@@ -67,6 +67,28 @@ def _alive(trial: optuna.trial.FrozenTrial, now: float) -> bool:
     if "heartbeat" not in attrs:  # just claimed: its owner is about to write host and pid
         return now - trial.datetime_start.timestamp() < STALE_SECONDS
     return now - float(attrs["heartbeat"]) < STALE_SECONDS
+
+
+def mark_owner(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """Record this process as the owner of a running trial (host, pid, first heartbeat)."""
+    storage.set_trial_user_attr(trial_id, "host", socket.gethostname())
+    storage.set_trial_user_attr(trial_id, "pid", os.getpid())
+    storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+
+
+def reap_stale(
+    storage: optuna.storages.BaseStorage, study_id: int
+) -> list[optuna.trial.FrozenTrial]:
+    """Fail the running trials of a study whose owner is gone; returns them (as they were)."""
+    from optuna.trial import TrialState
+
+    now, reaped = time.time(), []
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        if not owner_alive(trial, now):
+            storage.set_trial_user_attr(trial._trial_id, "stale", True)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            reaped.append(trial)
+    return reaped
 
 
 class CellQueue:
@@ -87,15 +109,7 @@ class CellQueue:
 
     def reap_stale(self) -> int:
         """Fail running trials whose process is gone, so their cells can be queued again."""
-        from optuna.trial import TrialState
-
-        now, reaped = time.time(), 0
-        for trial in self._trials(TrialState.RUNNING):
-            if not _alive(trial, now):
-                self.storage.set_trial_user_attr(trial._trial_id, "stale", True)
-                self.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                reaped += 1
-        return reaped
+        return len(reap_stale(self.storage, self.study_id))
 
     def enqueue(self, keys: list[str]) -> int:
         """Queue each cell that has no waiting or running trial yet; returns how many."""
@@ -118,7 +132,7 @@ class CellQueue:
         return {
             str(t.user_attrs.get(ATTR_KEY))
             for t in self._trials(TrialState.RUNNING)
-            if _alive(t, now) and t.user_attrs.get("pid") != os.getpid()
+            if owner_alive(t, now) and t.user_attrs.get("pid") != os.getpid()
         }
 
     def claim(self) -> Claim | None:
@@ -135,17 +149,12 @@ class CellQueue:
                     won = False
                 if not won:
                     continue
-                self._mark_owner(trial._trial_id)
+                mark_owner(self.storage, trial._trial_id)
                 mine = Claim(trial._trial_id, trial.number, str(trial.user_attrs.get(ATTR_KEY)))
                 if self._first_live(mine):
                     return mine
                 self.release(mine, duplicate=True)
         return None
-
-    def _mark_owner(self, trial_id: int) -> None:
-        self.storage.set_trial_user_attr(trial_id, "host", socket.gethostname())
-        self.storage.set_trial_user_attr(trial_id, "pid", os.getpid())
-        self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
 
     def _first_live(self, mine: Claim) -> bool:
         """Whether this trial should train its cell: no finished twin, no lower live twin."""
@@ -158,7 +167,7 @@ class CellQueue:
             if trial.state == TrialState.COMPLETE:
                 return False
             lower_live = trial.state == TrialState.WAITING or (
-                trial.state == TrialState.RUNNING and _alive(trial, now)
+                trial.state == TrialState.RUNNING and owner_alive(trial, now)
             )
             if trial.number < mine.number and lower_live:
                 return False

@@ -1,7 +1,8 @@
-"""The live view of a running grid: cells done of total, each worker's cell and epoch, ETA."""
+"""The live view of a grid run or tune: cells (or trials) done, each worker's epoch, ETA."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import (
@@ -37,12 +38,21 @@ class GridProgress:
     depth-20 one), so the estimate holds across a grid of unequal cells.
     """
 
-    def __init__(self, console: Console, grid: Grid, rows: list[PlanRow]):
+    def __init__(
+        self,
+        console: Console,
+        grid: Grid,
+        rows: list[PlanRow],
+        *,
+        noun: str = "cells",
+        done_states: Collection[str] = DONE,
+    ):
         self.console = console
+        self.noun, self.done_states = noun, frozenset(done_states)
         self.cells = {row.cell.key: row.cell for row in rows}
-        self.done = sum(row.status in DONE for row in rows)
+        self.done = sum(row.status in self.done_states for row in rows)
         self.total = len(rows)
-        pending = [row.cell for row in rows if row.status not in DONE]
+        pending = [row.cell for row in rows if row.status not in self.done_states]
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=30),
@@ -59,7 +69,7 @@ class GridProgress:
         self.workers: dict[int, TaskID] = {}
 
     def _count(self) -> str:
-        return f"{self.done}/{self.total} cells"
+        return f"{self.done}/{self.total} {self.noun}"
 
     def __enter__(self) -> GridProgress:
         self.progress.__enter__()
@@ -92,9 +102,12 @@ class GridProgress:
                 count=f"epoch {epoch}/{total:.0f}",
                 note=f"train err {train_err:5.1f}%",
             )
+        elif kind == "skip":  # epochs that will not run (a pruned trial): their work is done
+            _, worker, key, epochs = event
+            self.progress.advance(self.overall, _cost(self.cells[key]) * epochs)
         elif kind == "end":
             _, worker, key, status, reason = event
-            if status in DONE:
+            if status in self.done_states:
                 self.done += 1
                 self.progress.update(self.overall, count=self._count())
             style = STYLE.get(status, "white")

@@ -232,11 +232,11 @@ def _config_record(cell: Cell) -> dict[str, Any]:
     return {"key": cell.key, "label": cell.label, **cell.config.model_dump(mode="json")}
 
 
-def _worker_main(ctx: WorkerContext, events: mp.Queue) -> None:
-    """Entry point of a worker process: events go back to the parent through a queue."""
+def _worker_main(ctx: Any, events: mp.Queue, work_fn: Callable[[Any, Emit], None]) -> None:
+    """Entry point of a worker process: `work_fn(ctx, emit)`, its events sent to the parent."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        work(ctx, events.put)
+        work_fn(ctx, events.put)
     except KeyboardInterrupt:
         pass
     except Exception as err:
@@ -351,11 +351,16 @@ def _event_handler(progress: Any, outcome: Outcome) -> Emit:
     return handle
 
 
-def _run_processes(contexts: list[WorkerContext], handle: Emit) -> None:
-    """Start one process per worker and relay their events until all have exited."""
+def _run_processes(
+    contexts: list[Any], handle: Emit, work_fn: Callable[[Any, Emit], None] = work
+) -> None:
+    """Start one process per worker context, each running `work_fn` (a module-level function,
+    so it pickles), and relay their events until all have exited. Contexts have `.worker`."""
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
-    processes = [ctx.Process(target=_worker_main, args=(c, events), daemon=False) for c in contexts]
+    processes = [
+        ctx.Process(target=_worker_main, args=(c, events, work_fn), daemon=False) for c in contexts
+    ]
     for process in processes:
         process.start()
     running = len(processes)

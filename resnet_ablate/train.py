@@ -452,13 +452,6 @@ def train_cell(
         augment=config.data.augment,
         seed=config.seed,
     )
-    if len(train_loader) == 0:
-        from .errors import UserError
-
-        raise UserError(
-            f"train.batch_size {spec.batch_size} is larger than the training set "
-            f"({dataset.train.y.shape[0]} images); lower it or raise data.train_subset"
-        )
     eval_batch = 1024 if runtime.device.type == "cuda" else 500
     evals = {"test": _loader(dataset.test, dataset, runtime, train=False, batch=eval_batch)}
     if dataset.val is not None:

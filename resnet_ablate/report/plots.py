@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 120
 FAMILY_ORDER = ["plain", "res", "res-proj"]
@@ -208,5 +209,67 @@ def gradient_norms(flows: pd.DataFrame) -> bytes:
             ax.set_xlabel("layer index from input (0 = stem conv)")
         grid.set_titles("{col_name}")
         grid.set_ylabels("gradient L2 norm (log scale)")
+        grid.legend.set_title("")
+        return _png(grid.figure)
+
+
+TRIAL_STYLE = {
+    "complete": ("#0173b2", "o"),
+    "pruned": ("#949494", "X"),
+    "diverged": ("#d55e00", "^"),
+}
+
+
+def trial_history(trials: pd.DataFrame, budget: int) -> bytes:
+    """Validation error of each finished trial by trial number, one panel per configuration;
+    pruned trials (grey crosses, at the error they were stopped at) and diverged ones marked,
+    a step line through the best complete trial so far, and a ring around the best."""
+    configs = list(dict.fromkeys(trials["configuration"]))
+    statuses = [s for s in TRIAL_STYLE if s in set(trials["status"])]
+    wrap = min(len(configs), 3)
+    with plt.rc_context(THEME):
+        grid = sns.relplot(
+            data=trials,
+            x="trial",
+            y="score",
+            hue="status",
+            hue_order=statuses,
+            palette={s: TRIAL_STYLE[s][0] for s in statuses},
+            style="status",
+            style_order=statuses,
+            markers={s: TRIAL_STYLE[s][1] for s in statuses},
+            col="configuration",
+            col_order=configs,
+            col_wrap=wrap,
+            kind="scatter",
+            s=55,
+            height=2.8,
+            aspect=1.3,
+            facet_kws={"sharey": True, "sharex": True},
+        )
+        right = max(budget, int(trials["trial"].max()) + 1) - 0.5
+        for config, ax in grid.axes_dict.items():
+            mine = trials[trials["configuration"] == config].sort_values("trial")
+            scored = mine[mine["status"] != "pruned"]
+            if len(scored):
+                best_so_far = scored["score"].cummin()
+                ax.step(
+                    [*scored["trial"], right],
+                    [*best_so_far, best_so_far.iloc[-1]],
+                    where="post",
+                    color=TRIAL_STYLE["complete"][0],
+                    alpha=0.5,
+                    linewidth=1.2,
+                )
+                best = scored.sort_values(["score", "trial"]).iloc[0]
+                ax.scatter(
+                    [best["trial"]], [best["score"]], s=190, facecolors="none", edgecolors="#1d232b"
+                )
+            ax.set_title(str(config))
+            ax.set_xlabel("trial number")
+            ax.set_xlim(-0.5, right)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(bottom=0)
+        grid.set_ylabels("validation error (%)")
         grid.legend.set_title("")
         return _png(grid.figure)

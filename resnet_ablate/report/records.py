@@ -22,6 +22,7 @@ import pandas as pd
 from ..tracking import (
     TAG_LABEL,
     TAG_REASON,
+    TAG_SETTINGS,
     Store,
     cell_runs,
     cell_status,
@@ -69,6 +70,7 @@ CELL_COLUMNS = [
     "arch",
     "dataset",
     "seed",
+    "settings",
     "params",
     "macs",
     "final_train_err",
@@ -131,8 +133,9 @@ def load_records(grid: Grid, store: Store) -> Records:
     speed = _median_speed(histories)
     epochs_done = _epochs_done(histories)
 
+    tuned_fields = list(grid.spec.tune.params) if grid.spec.tune else []
     rows = [
-        _cell_row(cell, runs.get(cell.key), store, experiment_id, speed, epochs_done)
+        _cell_row(cell, runs.get(cell.key), store, experiment_id, speed, epochs_done, tuned_fields)
         for cell in grid.cells
     ]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
@@ -154,6 +157,7 @@ def _cell_row(
     experiment_id: str | None,
     speed: dict[str, float],
     epochs_done: dict[str, int],
+    tuned_fields: list[str],
 ) -> dict[str, Any]:
     m = cell.config.model
     parts = label_parts(cell)
@@ -171,6 +175,7 @@ def _cell_row(
         "arch": m.arch,
         "dataset": cell.config.data.name,
         "seed": cell.config.seed,
+        "settings": "",
         "epochs": cell.config.train.epochs,
         "key": cell.key,
         "run_id": "",
@@ -182,6 +187,7 @@ def _cell_row(
         run_id = run.info.run_id
         metrics = run.data.metrics
         row["reason"] = run.data.tags.get(TAG_REASON, "")
+        row["settings"] = run_settings(run, tuned_fields)
         row["run_id"] = run_id
         row["artifact_uri"] = run.info.artifact_uri or ""
         row["url"] = ui_url(store.uri, experiment_id or "", run_id)
@@ -195,6 +201,25 @@ def _cell_row(
     for key in FINAL_KEYS[:5]:
         row[key] = _number(metrics, key)
     return row
+
+
+def run_settings(run: Run, tuned_fields: list[str]) -> str:
+    """Which settings a run trained with, from its ``ablate.settings`` tag: `default`, or
+    `tuned (train.lr=0.071, ...)` with the tuned values it used (its params); empty without."""
+    settings = run.data.tags.get(TAG_SETTINGS, "")
+    if not settings.startswith("tuned"):
+        return settings
+    params = run.data.params
+    values = ", ".join(f"{k}={_short(params[k])}" for k in tuned_fields if k in params)
+    return f"tuned ({values})" if values else "tuned"
+
+
+def _short(text: str) -> str:
+    """A logged param as the report shows it: floats to 3 significant digits."""
+    try:
+        return f"{float(text):.3g}" if any(c in text for c in ".eE") else text
+    except ValueError:
+        return text
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import pandas as pd
 from . import plots
 from .records import Records, label_parts, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
+from .tuning import Tuning, finished_trials, load_tuning
 from .verdicts import (
     axis_comparisons,
     config_without,
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
 #: summary.csv: one row per cell; the run's numbers are empty for cells without a run.
 SUMMARY_COLUMNS = [
     "label", "status", "reason", "family", "shortcut", "depth", "block", "order", "arch",
-    "dataset", "seed", "params", "macs", "final_train_err", "final_test_err", "best_test_err",
-    "best_test_epoch", "epochs_done", "epochs", "wall_seconds", "images_per_second", "key",
-    "run_id", "url",
+    "dataset", "seed", "settings", "params", "macs", "final_train_err", "final_test_err",
+    "best_test_err", "best_test_epoch", "epochs_done", "epochs", "wall_seconds",
+    "images_per_second", "key", "run_id", "url",
 ]  # fmt: skip
 SUMMARY_METRICS = (
     "final_train_err",
@@ -78,6 +79,9 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     records = load_records(grid, store)
+    tuning = load_tuning(grid, store, records)
+    if tuning is not None:  # the other settings' runs belong to the tuning section
+        records.others = records.others[~records.others["key"].isin(tuning.sibling_keys)]
     cells = records.cells
     context = headline_context(grid)
     by_config = summarise(cells)
@@ -90,7 +94,8 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
     varied = [a for a in varied if cells[a].nunique() > 1]
     flows = _grad_flows(store, cells, context)
     figures = _figures(records, context, varied, flows)
-    _write_figures(figures, out_dir / "figures")
+    tuning_figure = _tuning_figure(tuning)
+    _write_figures(figures + ([tuning_figure] if tuning_figure else []), out_dir / "figures")
 
     context_values = {
         "grid": grid,
@@ -104,6 +109,8 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
         "axis_verdicts": axis_comparisons(cells, varied),
         "gradients": gradient_summary(flows),
         "figures": figures,
+        "tuning": tuning,
+        "tuning_figure": tuning_figure,
         "missing_figures": _missing_figures(records, flows),
         "papers": papers,
         "by_config": by_config.to_dict("records"),
@@ -295,6 +302,25 @@ def _figures(
     return figures
 
 
+def _tuning_figure(tuning: Tuning | None) -> Figure | None:
+    """The trial history of every study, when there are finished trials."""
+    if tuning is None:
+        return None
+    trials = finished_trials(tuning)
+    if trials.empty:
+        return None
+    return Figure(
+        "tuning",
+        "Tuning trials",
+        f"Validation error of each finished trial by trial number ({tuning.method}); one "
+        "panel per configuration. Grey crosses are pruned trials, at the error they were "
+        "stopped at; the line follows the best complete trial so far and the ring marks the "
+        "best, whose values the tuned runs use. Failed and killed "
+        "trials are not drawn (they do not count toward the budget).",
+        plots.trial_history(trials, tuning.budget),
+    )
+
+
 def _missing_figures(records: Records, flows: pd.DataFrame) -> list[str]:
     notes = []
     if not (records.cells["status"] == "finished").any():
@@ -306,7 +332,7 @@ def _missing_figures(records: Records, flows: pd.DataFrame) -> list[str]:
 
 def _write_figures(figures: list[Figure], folder: Path) -> None:
     names = {f"{f.name}.png" for f in figures}
-    for stale in ("error_curves", "error_vs_depth", "block_order", "gradient_norms"):
+    for stale in ("error_curves", "error_vs_depth", "block_order", "gradient_norms", "tuning"):
         if f"{stale}.png" not in names:
             (folder / f"{stale}.png").unlink(missing_ok=True)
     for figure in figures:

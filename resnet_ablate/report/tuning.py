@@ -1,0 +1,319 @@
+"""The report's tuning section, from MLflow alone: how each configuration's values were chosen,
+the trial history, and whether the verdicts change between default and tuned settings.
+
+`ablate tune` leaves one tuning run per configuration (``ablate.role=tune``) and one run per
+trial under it (``ablate.role=trial``, ``ablate.suggested``, ``objective``); see ``tune.py``. The
+best trial is chosen here as Optuna chooses it: the lowest objective among complete (and
+diverged) trials, the earliest on a tie. With the best values the report rebuilds the tuned
+cells (``tune.tuned_grid``), finds their runs by key, and computes every verdict twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .. import tune
+from ..tracking import (
+    TAG_KEY,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_STATUS,
+    ui_url,
+)
+from .records import Records, load_records
+from .verdicts import (
+    PLAIN,
+    axis_comparisons,
+    compare,
+    degradation,
+    seeds,
+    side,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from ..config import Grid
+    from ..tracking import Store
+
+#: How a residual-vs-plain comparison reads, by the effect of residual minus plain.
+_EFFECT = {
+    "lower": "residual better",
+    "higher": "residual worse",
+    "within spread": "within the spread",
+    "unknown": "cannot tell",
+}
+
+
+@dataclass
+class Tuning:
+    """What the tuning section shows."""
+
+    budget: int
+    method: str
+    space: dict[str, str]
+    seeds_note: str
+    rows: list[dict[str, Any]]
+    trials: pd.DataFrame  # configuration, trial, score, status (finished trials only)
+    complete: bool  # every study has its budget
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+    comparison_note: str = ""
+    settings: list[str] = field(default_factory=list)  # distinct ablate.settings of tuned runs
+    sibling_keys: set[str] = field(default_factory=set)  # the other variant's cell keys
+
+
+def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
+    """The tuning section for a grid with a tune section (None without one)."""
+    if grid.spec.tune is None:
+        return None
+    spec = grid.spec.tune
+    default = tune.default_grid(grid)
+    found = tune.targets(default)
+    experiment_id = records.experiment_id
+    tuning_runs, trial_runs = _runs(store, experiment_id)
+    frames, rows, best = [], [], {}
+    for target in found:
+        trials = _trial_table(target, trial_runs.get(target.key, []), store, experiment_id)
+        frames.append(trials)
+        row = _row(target, trials, tuning_runs.get(target.key), spec, store, experiment_id)
+        rows.append(row)
+        if row["finished"] >= spec.trials and row["best_values"] is not None:
+            best[target.key] = row["best_values"]
+    trials = pd.concat(frames, ignore_index=True) if frames else _empty_trials()
+    epochs = [t.base.config.train.epochs for t in found]
+    first_seeds = sorted({t.base.config.seed for t in found})
+    result = Tuning(
+        budget=spec.trials,
+        method=tune.describe_method(spec, epochs),
+        space=tune.describe_space(spec),
+        seeds_note=(
+            "One study per configuration: all seeds of a configuration share its tuned values, "
+            f"and its trials train with seed {', '.join(map(str, first_seeds))}, the grid's "
+            "first. Trials never see the test set: they are scored on the validation split."
+        ),
+        rows=rows,
+        trials=trials,
+        complete=len(best) == len(found),
+    )
+    if result.complete:
+        _compare(result, grid, default, tune.tuned_grid(default, best), store, records)
+    elif any(r["finished"] for r in rows):
+        result.comparison_note = (
+            "Tuning is not finished for every configuration, so there are no tuned cells yet; "
+            f"run `ablate tune {grid.path}` to finish it."
+        )
+    else:
+        result.comparison_note = f"No trials yet: run `ablate tune {grid.path}`."
+    return result
+
+
+def _empty_trials() -> pd.DataFrame:
+    return pd.DataFrame(columns=["configuration", "trial", "score", "status", "values", "url"])
+
+
+def _runs(store: Store, experiment_id: str | None) -> tuple[dict[str, Run], dict[str, list[Run]]]:
+    """Tuning runs by study key (the first made), and trial runs by study key."""
+    tuning: dict[str, Run] = {}
+    trials: dict[str, list[Run]] = {}
+    if experiment_id is None:
+        return tuning, trials
+    for role in ("tune", "trial"):
+        token = None
+        while True:
+            page = store.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{TAG_ROLE}` = '{role}'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                key = run.data.tags.get(TAG_KEY, "")
+                if role == "tune":
+                    tuning.setdefault(key, run)
+                else:
+                    trials.setdefault(key, []).append(run)
+            token = page.token
+            if not token:
+                break
+    return tuning, trials
+
+
+def _trial_table(
+    target: tune.Target, runs: list[Run], store: Store, experiment_id: str | None
+) -> pd.DataFrame:
+    """One row per trial run of a study: its number, status, score and suggested values."""
+    rows = []
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        status = tags.get(TAG_STATUS, "running")
+        if status in ("complete", "diverged"):
+            score = metrics.get("objective", math.nan)
+        elif status == "pruned":
+            score = metrics.get(tune.METRIC, math.nan)  # its last epoch's validation error
+        else:
+            score = math.nan
+        try:
+            values = json.loads(tags.get(tune.TAG_SUGGESTED, "{}"))
+        except json.JSONDecodeError:
+            values = {}
+        rows.append(
+            {
+                "configuration": target.label,
+                "trial": int(tags.get(tune.TAG_TRIAL, -1)),
+                "score": float(score),
+                "status": status,
+                "values": values,
+                "reason": tags.get(TAG_REASON, ""),
+                "url": ui_url(store.uri, experiment_id or "", run.info.run_id),
+            }
+        )
+    if not rows:
+        return _empty_trials()
+    return pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
+
+
+def _row(
+    target: tune.Target,
+    trials: pd.DataFrame,
+    tuning_run: Run | None,
+    spec: Any,
+    store: Store,
+    experiment_id: str | None,
+) -> dict[str, Any]:
+    """A configuration's line: trials by status, its best trial and values, the defaults."""
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    finished = sum(int(counts.get(s, 0)) for s in tune.FINISHED)
+    counted = trials[trials["status"].isin(tune.FINISHED)].head(spec.trials)  # as tune.py
+    scored = counted[counted["status"].isin(["complete", "diverged"]) & counted["score"].notna()]
+    best = scored.sort_values(["score", "trial"]).iloc[0] if len(scored) else None
+    train = target.base.config.train
+    defaults = {name: getattr(train, name.split(".", 1)[1]) for name in spec.params}
+    return {
+        "label": target.label,
+        "key": target.key,
+        "finished": finished,
+        "counts": ", ".join(
+            f"{int(counts[s])} {s}" for s in (*tune.FINISHED, "failed", "killed") if counts.get(s)
+        ),
+        "best_trial": int(best["trial"]) if best is not None else None,
+        "best_score": float(best["score"]) if best is not None else math.nan,
+        "best_values": dict(best["values"]) if best is not None else None,
+        "best_text": tune.values_text(best["values"]) if best is not None else "",
+        "best_url": best["url"] if best is not None else "",
+        "defaults": tune.values_text(defaults),
+        "url": ui_url(store.uri, experiment_id or "", tuning_run.info.run_id) if tuning_run else "",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Default against tuned verdicts.
+
+
+def _compare(
+    result: Tuning, grid: Grid, default: Grid, tuned: Grid, store: Store, records: Records
+) -> None:
+    """Compute the verdicts with default and with tuned settings, and say which differ."""
+    main_is_default = [c.key for c in grid.cells] == [c.key for c in default.cells]
+    default_records = records if main_is_default else load_records(default, store)
+    tuned_records = records if not main_is_default else load_records(tuned, store)
+    result.sibling_keys = {c.key for c in (tuned if main_is_default else default).cells}
+    result.settings = sorted(
+        {s for s in tuned_records.provenance.get("settings", []) if s.startswith("tuned")}
+    )
+    missing = [
+        name
+        for name, r in (("default", default_records), ("tuned", tuned_records))
+        if not (r.cells["status"] == "finished").any()
+    ]
+    if missing:
+        commands = {
+            "default": f"`ablate run {grid.path}`",
+            "tuned": f"`ablate run {grid.path} --tuned`",
+        }
+        result.comparison_note = (
+            f"No finished run with {' or '.join(missing)} settings yet, so the verdicts cannot "
+            f"be compared; run {' and '.join(commands[m] for m in missing)}."
+        )
+        return
+    before, after = verdict_map(default_records.cells), verdict_map(tuned_records.cells)
+    rows = []
+    for key in list(before) + [k for k in after if k not in before]:
+        a, b = before.get(key), after.get(key)
+        rows.append(
+            {
+                "kind": key[0],
+                "subject": key[1],
+                "default": a["outcome"] if a else "—",
+                "default_numbers": a["numbers"] if a else "",
+                "tuned": b["outcome"] if b else "—",
+                "tuned_numbers": b["numbers"] if b else "",
+                "changed": (a["outcome"] if a else None) != (b["outcome"] if b else None),
+            }
+        )
+    result.comparison = rows
+    changed = [r for r in rows if r["changed"]]
+    if not rows:
+        result.comparison_note = "This grid has no verdicts to compare."
+    elif not changed:
+        result.comparison_note = (
+            f"The verdicts do not change with tuned settings ({len(rows)} of {len(rows)} agree)."
+        )
+    else:
+        which = "; ".join(f"{r['kind']} {r['subject']}" for r in changed)
+        result.comparison_note = (
+            f"{len(changed)} of {len(rows)} verdicts change with tuned settings: {which}."
+        )
+
+
+def _context(text: str) -> str:
+    return " ".join(t for t in str(text).split(" ") if t != tune.TUNED_TOKEN)
+
+
+def verdict_map(cells: pd.DataFrame) -> dict[tuple[str, str], dict[str, str]]:
+    """Every verdict the report draws from a cell table, keyed so that default and tuned cells
+    match: (kind, subject) -> outcome and the numbers behind it."""
+    cells = cells.assign(
+        context=cells["context"].map(_context), config=cells["config"].map(_context)
+    )
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for v in degradation(cells):
+        subject = f"{v.deep.name} vs {v.shallow.name} ({v.context})"
+        numbers = f"{v.deep.short()} vs {v.shallow.short()}"
+        found[("degradation", subject)] = {"outcome": v.outcome, "numbers": numbers}
+    for context, group in cells.groupby("context", sort=False):
+        plain = group[group["shortcut"] == PLAIN]
+        for _, res in group[group["shortcut"] != PLAIN].groupby("shortcut", sort=False):
+            common = sorted(set(plain["depth"]) & set(res["depth"]))
+            if not common:
+                continue
+            depth, family = common[-1], res["family"].iloc[0]
+            a = side(res[res["depth"] == depth], f"{family}-{depth}", "final_train_err")
+            b = side(plain[plain["depth"] == depth], f"plain-{depth}", "final_train_err")
+            c = compare(a, b)
+            numbers = f"{a.short()} vs {b.short()} ({seeds(a.n, b.n)})"
+            subject = f"{a.name} vs {b.name} ({context})"
+            found[("residual vs plain", subject)] = {
+                "outcome": _EFFECT[c.effect],
+                "numbers": numbers,
+            }
+    varied = [a for a in ("block", "order") if cells[a].nunique() > 1]
+    if varied:
+        for v in axis_comparisons(cells, varied):
+            if not v.best:
+                continue
+            beyond = v.comparison is not None and v.comparison.effect == "higher"
+            outcome = f"{v.best} best" + ("" if beyond else " (within spread or unknown)")
+            found[(f"best {v.axis}", v.context)] = {"outcome": outcome, "numbers": v.text}
+    return found
+
+
+def finished_trials(tuning: Tuning) -> pd.DataFrame:
+    """The finished trials with a score, for the history figure."""
+    frame = tuning.trials
+    return frame[frame["status"].isin(tune.FINISHED) & frame["score"].notna()]
