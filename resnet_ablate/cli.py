@@ -283,6 +283,104 @@ def ui(
 
 
 # --------------------------------------------------------------------------------------------
+# bench
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str, typer.Option(help="Model label: plain-56, res-110, res-164-bottleneck, ...")
+    ] = "plain-56",
+    batch: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dataset: Annotated[str, typer.Option(help="synthetic, fashion-mnist, cifar10.")] = "synthetic",
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Timed steps a repeat (default: 6 CPU, 50 GPU).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(min=1, help="Timed repeats, for a median (default: 3 CPU, 5 GPU).")
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(min=1, help="Untimed warm-up steps.")] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            help="Added one row at a time: resident,bf16,channels_last,cuda_graph,compile "
+            "(default: what `ablate run` uses here)."
+        ),
+    ] = None,
+    each: Annotated[bool, typer.Option("--each", help="Also time each feature alone.")] = False,
+    loader_workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers of the standard loop.")
+    ] = None,
+    workers_sweep: Annotated[
+        str | None,
+        typer.Option(help="Instead: aggregate images/s of N trainers at once, e.g. 1,2,4,8."),
+    ] = None,
+    pack: Annotated[
+        str, typer.Option(help="Sweep as `processes` (like run --workers) or CUDA `streams`.")
+    ] = "processes",
+    seconds: Annotated[float | None, typer.Option(help="Sweep: seconds per point.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Training images/s of one step: this trainer, feature by feature, vs the standard loop."""
+    from .bench.step import command
+
+    command(
+        model=model,
+        batch=batch,
+        device=device,
+        dataset=dataset,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        features=features,
+        each=each,
+        loader_workers=loader_workers,
+        workers_sweep_counts=workers_sweep,
+        pack=pack,
+        seconds=seconds,
+        as_json=json_,
+        out=console,
+        err=errors,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tune
+
+
+@app.command()
+def tune(
+    grid_file: GridArg,
+    set_: SetOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Trials trained at once.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="Study storage: a journal file or a database URL shared by machines."),
+    ] = None,
+) -> None:
+    """Tune each configuration with the same budget (the grid's tune: section), for --tuned."""
+    from .tune import command
+
+    grid = _grid(grid_file, set_)
+    raise typer.Exit(
+        command(
+            grid,
+            workers=workers,
+            device=device,
+            results=results,
+            tracking_uri=tracking_uri,
+            queue=queue,
+            out=console,
+            err=errors,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point.
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from resnet_ablate.config import DatasetName, DataSpec
-from resnet_ablate.data import DataError, Dataset, DeviceLoader, default_pad, load_dataset
+from resnet_ablate.data import DataError, Dataset, DeviceLoader, Split, default_pad, load_dataset
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -43,6 +43,43 @@ class PILImages(torch.utils.data.Dataset):
         image = self.images[i]
         pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
         return self.transform(pil), self.labels[i]
+
+
+def standard_transform(
+    size: int, pad: int, mean: Sequence[float], std: Sequence[float]
+) -> transforms.Compose:
+    """The tutorial's per-image augmentation: PIL pad-crop and flip, ToTensor, Normalize."""
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(size, padding=pad),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def standard_loader(
+    split: Split,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """The standard training loader over a split: shuffled, augmented per image with PIL, full
+    batches only, `workers` worker processes (kept alive between epochs), pinned for CUDA."""
+    size = split.x.shape[2]
+    pipeline = standard_transform(size, default_pad(size), dataset.mean, dataset.std)
+    return DataLoader(
+        PILImages(split.x, split.y, pipeline),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -108,25 +145,9 @@ def bench_loader(
             lambda r: _take(loader.epoch(r + 1), batches, device), repeats, device
         )
     }
-
-    pipeline = transforms.Compose(
-        [
-            transforms.RandomCrop(size, padding=pad),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(dataset.mean, dataset.std),
-        ]
-    )
-    images = PILImages(split.x, split.y, pipeline)
     for n in workers:
-        data_loader = DataLoader(
-            images,
-            batch_size=batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=n,
-            persistent_workers=n > 0,
-            pin_memory=device.type == "cuda",
+        data_loader = standard_loader(
+            split, dataset, batch_size=batch_size, workers=n, device=device
         )
         label = f"DataLoader+PIL, {n} worker{'s' if n != 1 else ''}"
         rates[label] = _time(lambda r, dl=data_loader: _take(dl, batches, device), repeats, device)
