@@ -82,6 +82,7 @@ class DataSpec(Spec):
     download: bool = False
     augment: bool = True
     train_subset: Int | None = Field(default=None, ge=10)
+    test_subset: Int | None = Field(default=None, ge=10)
     val_split: float | None = Field(default=None, gt=0.0, lt=1.0)
     resize: Int | None = Field(default=None, ge=8, le=512)
 

@@ -20,8 +20,9 @@ and the per-channel mean/std used for normalisation.
 - **synthetic** is generated (fixed seed, independent of the global RNG): stripes whose
   orientation and frequency give the class, with random phase, tint and noise.
 - **Order of operations.** resize -> hold out ``val_split`` (class-stratified) -> mean/std from the
-  remaining training images -> ``train_subset`` (class-balanced). Both selections use a fixed seed,
-  not the cell's seed, so every cell of a grid trains and validates on the same images, and the
+  remaining training images -> ``train_subset`` (class-balanced); ``test_subset`` likewise picks
+  a class-balanced part of the test set, for short runs. The selections use a fixed seed, not
+  the cell's seed, so every cell of a grid trains and validates on the same images, and the
   normalisation does not change with the subset size. The test set is never touched.
 - **mean/std** are computed exactly (from a per-channel histogram), in [0, 1] units, population
   std. For the full CIFAR-10 training set they are the published values (0.4914, 0.4822, 0.4465)
@@ -132,7 +133,12 @@ def load_dataset(spec: DataSpec) -> Dataset:
         train, val = _hold_out(train, spec.val_split, num_classes, spec.name)
     mean, std = channel_stats(train.x)
     if spec.train_subset is not None:
-        train = _subset(train, spec.train_subset, num_classes, spec.name, val is not None)
+        held = " left after data.val_split" if val is not None else ""
+        train = _subset(train, spec.train_subset, num_classes, f"{spec.name} training", held)
+    if spec.test_subset is not None:
+        test = _subset(
+            test, spec.test_subset, num_classes, f"{spec.name} test", "", field="test_subset"
+        )
     return Dataset(spec.name, train, test, val, classes, mean, std, source)
 
 
@@ -529,19 +535,20 @@ def _hold_out(train: Split, fraction: float, num_classes: int, name: str) -> tup
     return Split(train.x[keep_idx], train.y[keep_idx]), Split(train.x[val_idx], train.y[val_idx])
 
 
-def _subset(train: Split, k: int, num_classes: int, name: str, after_val: bool) -> Split:
+def _subset(
+    split: Split, k: int, num_classes: int, which: str, held: str, field: str = "train_subset"
+) -> Split:
     """The first k images of a class-interleaved fixed order: balanced, and nested in k."""
-    if k > len(train):
-        held = " left after data.val_split" if after_val else ""
+    if k > len(split):
         raise DataError(
-            f"data.train_subset is {k} but the {name} training set has {len(train)} images{held}; "
-            f"lower data.train_subset or remove it."
+            f"data.{field} is {k} but the {which} set has {len(split)} images{held}; "
+            f"lower data.{field} or remove it."
         )
     g = torch.Generator().manual_seed(SPLIT_SEED + 1)
-    perm, ys, rank = _class_ranks(train.y, num_classes, g)
+    perm, ys, rank = _class_ranks(split.y, num_classes, g)
     interleaved = perm[torch.argsort(rank * num_classes + ys)]
     idx = interleaved[:k].sort().values
-    return Split(train.x[idx], train.y[idx])
+    return Split(split.x[idx], split.y[idx])
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,23 +225,32 @@ def grid_run_id(store: Store, experiment_id: str, grid: Grid) -> str:
     return run.info.run_id
 
 
-def cell_runs(store: Store, experiment_id: str) -> dict[str, Run]:
-    """The newest run of each cell key in an experiment."""
-    runs: dict[str, Run] = {}
+def runs_with_role(
+    store: Store, experiment_id: str, role: str, newest_first: bool = False
+) -> Iterator[Run]:
+    """Every run of an experiment with ``ablate.role = role``, page by page."""
+    order = "DESC" if newest_first else "ASC"
     token = None
     while True:
         page = store.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TAG_ROLE}` = 'cell'",
-            order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`{TAG_ROLE}` = '{role}'",
+            order_by=[f"attributes.start_time {order}"],
             max_results=1000,
             page_token=token,
         )
-        for run in page:
-            runs.setdefault(run.data.tags.get(TAG_KEY, ""), run)
+        yield from page
         token = page.token
         if not token:
-            return runs
+            return
+
+
+def cell_runs(store: Store, experiment_id: str) -> dict[str, Run]:
+    """The newest run of each cell key in an experiment."""
+    runs: dict[str, Run] = {}
+    for run in runs_with_role(store, experiment_id, "cell", newest_first=True):
+        runs.setdefault(run.data.tags.get(TAG_KEY, ""), run)
+    return runs
 
 
 def cell_status(run: Run | None) -> str:

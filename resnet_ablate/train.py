@@ -114,6 +114,10 @@ def resolve_runtime(options: ExecOptions) -> Runtime:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
+    if device.type == "cuda":
+        # Small-channel convolutions vary most in speed between cuDNN's algorithms; the
+        # benchmark picks during the eager warm-up steps, before any graph is captured.
+        torch.backends.cudnn.benchmark = True
     if options.precision == "auto":
         fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
         dtype = torch.bfloat16 if fast else None

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,13 @@ def ablate(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: fl
         text=True,
         timeout=timeout,
     )
+
+
+def wait_for(predicate, timeout: float = 240.0, every: float = 0.2) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError("timed out waiting")

@@ -40,27 +40,34 @@ def test_dry_run_lists_the_quick_grid_and_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     for label in ("plain-20 basic post s0", "plain-56 basic post s1", "res-56 basic post s0"):
         assert label in done.stdout
-    assert "8 cells" in done.stdout
+    assert "12 cells" in done.stdout
     assert "0.85M" in done.stdout  # ResNet-56's parameter count, as published
     assert list(tmp_path.iterdir()) == []
 
 
 GOOD = QUICK.read_text()
 
+
+def swap(old: str, new: str, text: str = GOOD) -> str:
+    """GOOD with one change; fails loudly if the grid no longer contains `old`."""
+    assert old in text, old
+    return text.replace(old, new)
+
+
 BAD_FILES = {
-    "unknown key": (GOOD.replace("width: 16", "widht: 16"), "base.model.widht"),
-    "yaml syntax": (GOOD.replace("seeds: [0, 1]", "seeds: [0, 1"), "YAML syntax error"),
-    "wrong type": (GOOD.replace("epochs: 4", "epochs: four"), "base.train.epochs"),
-    "unknown choice": (GOOD.replace("block: basic", "block: bottlenek"), "bottlenek"),
-    "impossible depth": (GOOD.replace("[20, 56]", "[20, 21]"), "6n+2"),
+    "unknown key": (swap("width: 16", "widht: 16"), "base.model.widht"),
+    "yaml syntax": (swap("seeds: [0, 1, 2]", "seeds: [0, 1"), "YAML syntax error"),
+    "wrong type": (swap("epochs: 3", "epochs: three"), "base.train.epochs"),
+    "unknown choice": (swap("block: basic", "block: bottlenek"), "bottlenek"),
+    "impossible depth": (swap("[20, 56]", "[20, 21]"), "6n+2"),
     "bottleneck depth": (
-        GOOD.replace("block: basic", "block: bottleneck").replace("[20, 56]", "[20, 32]"),
+        swap("block: basic", "block: bottleneck").replace("[20, 56]", "[20, 32]"),
         "9n+2",
     ),
-    "axis names no field": (GOOD.replace("model.depth:", "model.layers:"), "model.layers"),
-    "empty axis": (GOOD.replace("[20, 56]", "[]"), "empty"),
-    "no seeds": (GOOD.replace("seeds: [0, 1]", "seeds: []"), "seeds"),
-    "bad name": (GOOD.replace("name: quick", "name: Quick Grid"), "name"),
+    "axis names no field": (swap("model.depth:", "model.layers:"), "model.layers"),
+    "empty axis": (swap("[20, 56]", "[]"), "empty"),
+    "no seeds": (swap("seeds: [0, 1, 2]", "seeds: []"), "seeds"),
+    "bad name": (swap("name: quick", "name: Quick Grid"), "name"),
     "exclude names no field": (GOOD + "exclude:\n  - {model.deep: 20}\n", "model.deep"),
     "binary file": ("\x00\x01\x02", "grid"),
 }

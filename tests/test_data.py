@@ -318,6 +318,24 @@ def test_train_subset_is_fixed_and_class_balanced():
     assert _rows(smaller.train.x) <= _rows(a.train.x)
 
 
+def test_test_subset_is_fixed_class_balanced_and_leaves_training_alone():
+    full = load_dataset(DataSpec(name="synthetic"))
+    a = load_dataset(DataSpec(name="synthetic", test_subset=100))
+    b = load_dataset(DataSpec(name="synthetic", test_subset=100))
+    assert torch.equal(a.test.x, b.test.x) and torch.equal(a.test.y, b.test.y)
+    assert torch.bincount(a.test.y, minlength=10).tolist() == [10] * 10
+    assert torch.equal(a.train.x, full.train.x)
+
+    # every kept test image is one of the originals, with its own label
+    def pairs(split):
+        return {(img.numpy().tobytes(), int(y)) for img, y in zip(split.x, split.y, strict=True)}
+
+    originals, kept = pairs(full.test), pairs(a.test)
+    assert len(kept) == 100 and kept <= originals
+    with pytest.raises(DataError, match=r"data\.test_subset is 501 .* test set has 500 images"):
+        load_dataset(DataSpec(name="synthetic", test_subset=501))
+
+
 def test_train_subset_larger_than_the_set_is_an_error():
     with pytest.raises(DataError, match=r"data\.train_subset is 2001 .* has 2000 images"):
         load_dataset(DataSpec(name="synthetic", train_subset=2001))

@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import EXPERIMENTS, ablate
+from .conftest import EXPERIMENTS, ablate, wait_for
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
 
@@ -114,7 +113,7 @@ def test_ui_serves_the_grid_store(smoke_run):
     )
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"
     try:
-        _wait_for(lambda: _get(url) is not None or proc.poll() is not None, timeout=90, every=0.5)
+        wait_for(lambda: _get(url) is not None or proc.poll() is not None, timeout=90, every=0.5)
         body = _get(url)
         assert body is not None, "the UI did not answer"
         assert json.loads(body)["experiment"]["name"] == "smoke"
@@ -133,15 +132,6 @@ def _get(url: str) -> str | None:
         return None
 
 
-def _wait_for(predicate, timeout: float = 240.0, every: float = 0.2) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def _slow_smoke(tmp_path: Path) -> list[str]:
     """The smoke grid with longer epochs, so that a kill lands mid-run."""
     return ["--set", "train.epochs=4", "--set", "model.shortcut=none", "--no-report"]
@@ -154,7 +144,7 @@ def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
     )
     checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
     try:
-        _wait_for(lambda: any(checkpoints.glob("*.pt")))
+        wait_for(lambda: any(checkpoints.glob("*.pt")))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -182,7 +172,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path):
         text=True,
     )
     checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
-    _wait_for(lambda: any(checkpoints.glob("*.pt")))
+    wait_for(lambda: any(checkpoints.glob("*.pt")))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -303,7 +293,7 @@ def mlflow_server(tmp_path):
             return proc.poll() is not None  # stop waiting if the server died
 
     try:
-        _wait_for(healthy, timeout=90, every=0.5)
+        wait_for(healthy, timeout=90, every=0.5)
         assert proc.poll() is None, "mlflow server exited"
         yield url
     finally:

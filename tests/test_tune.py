@@ -31,7 +31,7 @@ from resnet_ablate.config import load_grid
 from resnet_ablate.errors import UserError
 from resnet_ablate.train import CellResult
 
-from .conftest import EXPERIMENTS, ablate
+from .conftest import EXPERIMENTS, ablate, wait_for
 
 SMOKE_TUNE = EXPERIMENTS / "smoke-tune.yaml"
 BUDGET = 3
@@ -203,15 +203,6 @@ def test_run_tuned_trains_with_each_study_s_best_values_and_reports_them(tuned):
 # Interrupted, failed, pruned, diverged: the budget stays exact.
 
 
-def _wait_for(predicate, timeout: float = 240.0, every: float = 0.3) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
     args = ["-m", "resnet_ablate", "tune", str(SMOKE_TUNE), *PLAIN_ONLY, "--device", "cpu"]
     proc = subprocess.Popen(
@@ -231,7 +222,7 @@ def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
         return len(finished(trials)) >= 1 and bool(running)
 
     try:
-        _wait_for(one_finished_one_running)
+        wait_for(one_finished_one_running)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -100,6 +100,7 @@ def error_curves(curves: pd.DataFrame, palette: dict[int, tuple]) -> bytes:
             ax.set_title(FAMILY_TITLES.get(family, family) if split == "train_err" else "")
             ax.set_ylabel(SPLITS[split] if family == families[0] else "")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(bottom=0)
         grid.legend.set_title("depth (layers)")
         return _png(grid.figure)
@@ -207,6 +208,7 @@ def gradient_norms(flows: pd.DataFrame) -> bytes:
         for ax in grid.axes.flat:
             ax.set_yscale("log")
             ax.set_xlabel("layer index from input (0 = stem conv)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         grid.set_titles("{col_name}")
         grid.set_ylabels("gradient L2 norm (log scale)")
         grid.legend.set_title("")

@@ -21,8 +21,8 @@ from .. import tune
 from ..tracking import (
     TAG_KEY,
     TAG_REASON,
-    TAG_ROLE,
     TAG_STATUS,
+    runs_with_role,
     ui_url,
 )
 from .records import Records, load_records
@@ -122,25 +122,10 @@ def _runs(store: Store, experiment_id: str | None) -> tuple[dict[str, Run], dict
     trials: dict[str, list[Run]] = {}
     if experiment_id is None:
         return tuning, trials
-    for role in ("tune", "trial"):
-        token = None
-        while True:
-            page = store.client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`{TAG_ROLE}` = '{role}'",
-                order_by=["attributes.start_time ASC"],
-                max_results=1000,
-                page_token=token,
-            )
-            for run in page:
-                key = run.data.tags.get(TAG_KEY, "")
-                if role == "tune":
-                    tuning.setdefault(key, run)
-                else:
-                    trials.setdefault(key, []).append(run)
-            token = page.token
-            if not token:
-                break
+    for run in runs_with_role(store, experiment_id, "tune"):
+        tuning.setdefault(run.data.tags.get(TAG_KEY, ""), run)
+    for run in runs_with_role(store, experiment_id, "trial"):
+        trials.setdefault(run.data.tags.get(TAG_KEY, ""), []).append(run)
     return tuning, trials
 
 
