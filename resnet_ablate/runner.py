@@ -221,6 +221,8 @@ def run_cell(
     tracking.log_metrics(store, run_id, final, step=len(result.history))
     tracking.log_json(store, run_id, "final_metrics.json", final | {"status": result.status})
     tracking.log_json(store, run_id, "grad_flow.json", result.grad_flow)
+    if result.resumed_from:
+        store.client.set_tag(run_id, tracking.TAG_RESUMED, str(result.resumed_from))
     tracking.end_cell_run(store, run_id, result.status, result.reason)
     checkpoint_path(ctx.results, ctx.grid, cell).unlink(missing_ok=True)
     tracking_seconds += time.perf_counter() - t0
