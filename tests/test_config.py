@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 
 from resnet_ablate.config import (
@@ -14,7 +16,9 @@ from resnet_ablate.config import (
     units_per_stage,
 )
 
-from .conftest import EXPERIMENTS
+from .conftest import EXPERIMENTS, ROOT
+
+RESULTS = ROOT / "results"
 
 GRID = """
 name: degradation-fmnist
@@ -118,6 +122,18 @@ def test_every_experiment_file_validates(path):
     grid = load_grid(path)
     assert grid.cells
     assert grid.name == path.stem
+
+
+@pytest.mark.parametrize(
+    "summary", sorted(RESULTS.glob("*/summary.csv")), ids=lambda p: p.parent.name
+)
+def test_committed_results_match_their_grid_file(summary):
+    """A committed summary covers exactly the cells its grid file defines now, all finished."""
+    grid = load_grid(EXPERIMENTS / f"{summary.parent.name}.yaml")
+    with open(summary, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["key"] for row in rows) == sorted(cell.key for cell in grid.cells)
+    assert {row["status"] for row in rows} == {"finished"}
 
 
 # --- mistakes -----------------------------------------------------------------------------
