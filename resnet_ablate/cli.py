@@ -156,13 +156,9 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
 
 
 def _existing_store(results: Path, tracking_uri: str | None) -> tracking.Store | None:
-    """The tracking store if it exists already (an embedded one is never created here)."""
     from . import tracking
 
-    uri = tracking.resolve_uri(tracking_uri, results)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return None
-    return tracking.open_store(uri, results)
+    return tracking.existing_store(tracking_uri, results)
 
 
 def _fmt(value: Any) -> str:
@@ -225,7 +221,7 @@ def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
 
     table = Table(title=f"{grid.name}: {len(rows)} cells", title_justify="left")
     for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run"]:
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "label")
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1

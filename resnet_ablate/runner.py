@@ -283,15 +283,18 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> Outcome:
     from .train import ExecOptions
 
     exec_options = options.exec or ExecOptions()
+    store = tracking.existing_store(options.tracking_uri, options.results)
+    if store is None:  # a missing dataset stops us before a new store is created
+        check_data(grid.cells)
     # The store is created here, once, before any worker starts (concurrent first use races).
-    store = tracking.open_store(options.tracking_uri, options.results)
+    store = store or tracking.open_store(options.tracking_uri, options.results)
     tracking.check_results_dir(options.results)
     rows = states(grid, store)
     pending = [row.cell for row in rows if row.status not in tracking.DONE]
     outcome = Outcome(done=len(rows) - len(pending), total=len(rows))
     if not pending:
         return outcome
-    check_data(pending)  # a missing dataset stops us before any run is recorded
+    check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
     parent_id = tracking.grid_run_id(store, experiment_id, grid)
     queue = CellQueue(storage_for(options.queue, options.results, grid.name), queue_name(grid))

@@ -81,6 +81,8 @@ def resolve_uri(uri: str | None, results: Path) -> str:
 
 def check_results_dir(results: Path) -> None:
     """Make sure results/ can be written before anything trains."""
+    if results.exists() and not results.is_dir():
+        raise TrackingError(f"{results}: is a file, not a folder; pass --results DIR")
     try:
         results.mkdir(parents=True, exist_ok=True)
         probe = results / f".write-test-{os.getpid()}"
@@ -169,6 +171,14 @@ def open_store(uri: str | None, results: Path) -> Store:
     except Exception as err:
         raise TrackingError(f"tracking store {uri} cannot be opened: {_first_line(err)}") from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
+
+
+def existing_store(uri: str | None, results: Path) -> Store | None:
+    """The tracking store if it is there already; an embedded one is never created here."""
+    uri = resolve_uri(uri, results)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    return open_store(uri, results)
 
 
 @contextlib.contextmanager

@@ -226,9 +226,7 @@ def test_missing_dataset_stops_before_anything_is_recorded(tmp_path, write_grid)
     done = ablate("run", str(grid), cwd=tmp_path, env={"ABLATE_DATA": str(tmp_path / "none")})
     assert done.returncode == 2
     assert "cifar" in done.stderr.lower() and "Traceback" not in done.stderr
-    db = tmp_path / "results" / "mlflow.db"
-    if db.exists():
-        assert MlflowClient(f"sqlite:///{db}").get_experiment_by_name("smoke") is None
+    assert not (tmp_path / "results").exists()  # not even an empty store
 
 
 def test_unreachable_tracking_server_is_one_clear_message(tmp_path):
@@ -252,6 +250,14 @@ def test_unwritable_results_is_one_clear_message(tmp_path):
     done = ablate("run", str(SMOKE), "--results", str(target), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert str(target) in done.stderr.replace("\n", "") and "Traceback" not in done.stderr
+
+
+def test_results_that_is_a_file_is_one_clear_message(tmp_path):
+    (tmp_path / "results").write_text("keep me")
+    done = ablate("run", str(SMOKE), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "is a file, not a folder" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "results").read_text() == "keep me"
 
 
 def _free_port() -> int:
