@@ -399,6 +399,20 @@ def _defaults(device: torch.device, steps: int | None, repeats: int | None, warm
     return (steps or (50 if gpu else 6), repeats or (5 if gpu else 3), warmup or (10 if gpu else 2))
 
 
+def _resolve(
+    model: str | ModelSpec,
+    device: str | torch.device,
+    dataset: str | Dataset,
+    features: Sequence[str] | str | None,
+) -> tuple[ModelSpec, torch.device, Dataset, list[str]]:
+    """The benchmark's arguments as objects: names are parsed, objects pass through."""
+    spec = parse_model(model) if isinstance(model, str) else model
+    device = resolve_device(device) if isinstance(device, str) else device
+    data = bench_dataset(dataset) if isinstance(dataset, str) else dataset
+    names = features if isinstance(features, str | None) else ",".join(features)
+    return spec, device, data, parse_features(names, device)
+
+
 def bench_step(
     model: str | ModelSpec = "plain-56",
     *,
@@ -420,12 +434,7 @@ def bench_step(
     the standard loop), "setup_seconds" (compile/capture), "note" | "skipped"}], "headline"}.
     """
     say = progress or (lambda message: None)
-    spec = parse_model(model) if isinstance(model, str) else model
-    device = resolve_device(device) if isinstance(device, str) else device
-    data = bench_dataset(dataset) if isinstance(dataset, str) else dataset
-    chosen = parse_features(
-        features if isinstance(features, str | None) else ",".join(features), device
-    )
+    spec, device, data, chosen = _resolve(model, device, dataset, features)
     steps, repeats, warmup = _defaults(device, steps, repeats, warmup)
     workers = default_loader_workers(device) if loader_workers is None else loader_workers
     if len(data.train) < batch:
@@ -654,12 +663,7 @@ def workers_sweep(
     if not counts or min(counts) < 1:
         raise UserError("--workers-sweep: give worker counts of at least 1, e.g. 1,2,4,8")
     say = progress or (lambda message: None)
-    spec = parse_model(model) if isinstance(model, str) else model
-    device = resolve_device(device) if isinstance(device, str) else device
-    data = bench_dataset(dataset) if isinstance(dataset, str) else dataset
-    chosen = parse_features(
-        features if isinstance(features, str | None) else ",".join(features), device
-    )
+    spec, device, data, chosen = _resolve(model, device, dataset, features)
     runnable = tuple(f for f in chosen if f not in CUDA_ONLY or device.type == "cuda")
     steps, repeats, warmup = _defaults(device, None, None, warmup)
     seconds = seconds or (8.0 if device.type == "cuda" else 4.0)
