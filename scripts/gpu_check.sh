@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the fast trainer (issue 6): `ablate bench` (plain-56, batch 128: the standard loop,
+# GPU check of the fast trainer: `ablate bench` (plain-56, batch 128: the standard loop,
 # each speed feature alone and added one at a time, then torch.compile on top), the worker sweep
 # (1/2/4/8 trainers packed on one GPU, as processes and as CUDA streams), a packed smoke grid and
 # the CUDA tests. Runs on any CUDA machine from the repo root with the project importable
@@ -7,9 +7,10 @@
 # JSON, sweep JSON, logs) and prints every table again at the end. A global budget (BUDGET
 # seconds, default 470) caps each step's time limit, so the whole check stays under ~8 minutes.
 #
-# On this workplace's lent H200 (Python 3.12 with torch but no mlflow, optuna or pydantic):
-#   once, here, in the checkout:   sh ../shared/gpu/wheels.sh        (fills .whl/, git-ignored)
-#   then the device call, with carry [".whl"] and timeout_s 540:
+# On a GPU machine without a package index whose Python has torch but not MLflow, Optuna or
+# pydantic: download their wheels elsewhere into .whl/ (pip download --no-deps --only-binary=:all:
+# --python-version 3.12 -d .whl mlflow-skinny optuna pydantic pydantic-core sqlalchemy alembic
+# ... and their pure-Python dependencies), copy the checkout with .whl/ there, then run:
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh
 # The synthetic 3x32x32 dataset is generated, so no data travels.
 #
