@@ -142,6 +142,7 @@ def error_vs_depth(cells: pd.DataFrame, style: str | None) -> bytes:
             ax.set_xticks(depths)
             ax.set_ylim(bottom=0)
         grid.legend.set_title("")
+        grid.tight_layout()  # room for the second panel's own y label
         return _png(grid.figure)
 
 
