@@ -40,8 +40,9 @@ Choices the papers leave open, and what this module does:
 - `arch: tutorial` with `order: tutorial` is the PyTorch tutorial's network as its code has it:
   a bare 7x7 stride-2 stem conv with bias and no padding, straight into the max-pool (no BN, no
   ReLU); 3x3 convs without bias, each followed by BN and ReLU; a 1x1 projection with bias and
-  without BN, reading the unit's raw input. Every other order on that arch follows this
-  module's conventions: bias-free convs with BN, the recipe's stem activation. Pooling is global:
+  without BN, reading the unit's raw input; PyTorch's default initialisation, since the
+  tutorial sets none. Every other order on that arch follows this module's conventions:
+  bias-free convs with BN, the recipe's stem activation, He initialisation. Pooling is global:
   on 96x96 input the last stage is 3x3, so it equals the tutorial's AvgPool2d(3), and other
   input sizes still work.
 """
@@ -260,7 +261,7 @@ class ResNet(nn.Module):
         recipe = RECIPES[spec.order]
         tutorial = spec.arch == "tutorial"
         # The tutorial's own network as its code has it: a bare stem conv with bias (no BN, no
-        # ReLU before the max-pool), projections with bias and without BN.
+        # ReLU before the max-pool), projections with bias and without BN, default init.
         as_written = tutorial and spec.order == "tutorial"
         stem_ops = "" if as_written else recipe.stem
         if tutorial:  # 96x96 -> 45x45 (7x7 stride 2, no padding) -> 22x22 after the max-pool
@@ -286,7 +287,8 @@ class ResNet(nn.Module):
         # AvgPool2d(3) exactly, and other input sizes still work.
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        _init(self)
+        if not as_written:  # the tutorial sets no initialisation: PyTorch's defaults stand
+            _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))  # (B, w, H, W) for CIFAR

@@ -383,7 +383,7 @@ class TutorialResidualBlock(nn.Module):
 
 
 class TutorialResNet(nn.Module):
-    """The tutorial's `resnet`."""
+    """The tutorial's `resnet`: no initialisation of its own, so PyTorch's defaults."""
 
     def __init__(self, in_channel: int, num_classes: int) -> None:
         super().__init__()
@@ -540,12 +540,29 @@ def test_tutorial_network_as_written_computes_what_the_tutorial_computes():
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_tutorial_network_as_written_keeps_pytorchs_default_initialisation():
+    """The tutorial initialises nothing: the same seed gives the very same weights."""
+    torch.manual_seed(7)
+    reference = TutorialResNet(3, 10)
+    torch.manual_seed(7)
+    model = tutorial_as_written()
+    pairs = zip(reference.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    conv_biases = [
+        m.bias for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is not None
+    ]
+    assert len(conv_biases) == 4 and all(b.abs().sum() > 0 for b in conv_biases)
+
+
 @pytest.mark.parametrize("order", [o for o in ORDERS if o != "tutorial"])
-def test_other_orders_on_the_tutorial_arch_keep_their_stem(order):
+def test_other_orders_on_the_tutorial_arch_keep_their_stem_and_he_init(order):
     model = build_model(spec(arch="tutorial", order=order, shortcut="projection", width=8), 3, 10)
     stem = {"br": [nn.BatchNorm2d, nn.ReLU], "b": [nn.BatchNorm2d], "": []}
     assert [type(m) for m in model.stem] == [nn.Conv2d, *stem[models.RECIPES[order].stem]]
-    assert model.stem[0].bias is None
+    conv = model.stem[0]
+    assert conv.bias is None
+    fan_out = conv.out_channels * 7 * 7
+    assert abs(conv.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.1
 
 
 def test_tutorial_order_on_cifar_keeps_conv_bn_relu_stem():
