@@ -37,6 +37,9 @@ Shortcut = Literal["none", "identity", "projection"]
 Order = Literal["post", "pre", "bn_after_add", "relu_before_add", "relu_only_pre", "tutorial"]
 DatasetName = Literal["cifar10", "cifar100", "fashion-mnist", "synthetic"]
 Schedule = Literal["step", "cosine", "constant"]
+#: `mean_std`: per-channel mean/std of the training images; `half`: `(x - 0.5) / 0.5`, pixels to
+#: [-1, 1], as the PyTorch tutorial normalises.
+Normalize = Literal["mean_std", "half"]
 #: Integers are strict: YAML 1.1 reads `yes`/`on` as true, which must not become 1 epoch.
 Int = Annotated[int, Strict()]
 
@@ -85,6 +88,7 @@ class DataSpec(Spec):
     test_subset: Int | None = Field(default=None, ge=10)
     val_split: float | None = Field(default=None, gt=0.0, lt=1.0)
     resize: Int | None = Field(default=None, ge=8, le=512)
+    normalize: Normalize = "mean_std"
 
 
 class ModelSpec(Spec):
@@ -216,6 +220,11 @@ class GridFile(Spec):
 SECTIONS: dict[str, type[Spec]] = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec}
 #: Fields that say where or how a cell runs, not what it computes: left out of the cell key.
 EXECUTION_FIELDS = frozenset({"data.root", "data.download"})
+#: Fields added after cells were first keyed, with the value every earlier cell had. At that
+#: value a field is left out of the key, so a cell hashes as it did before the field existed and
+#: existing stores and committed results keep their keys (a rerun skips what is done); any other
+#: value is part of the key like every field. MLflow params hold every field regardless.
+KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {"data.normalize": "mean_std"}
 
 
 def field_names() -> list[str]:
@@ -263,7 +272,7 @@ class Cell:
     @property
     def key(self) -> str:
         """Short stable hash of what the cell computes (execution-only fields excluded)."""
-        flat = {k: v for k, v in flatten(self.config).items() if k not in EXECUTION_FIELDS}
+        flat = key_fields(self.config)
         blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -298,6 +307,20 @@ def _short(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ",".join(_short(v) for v in value)
     return str(value)
+
+
+def key_fields(config: CellConfig) -> dict[str, Any]:
+    """The flat fields a cell's key hashes: what it computes, as cells were first keyed.
+
+    Execution-only fields are left out, and so is a field of :data:`KEY_OMITTED_AT_DEFAULT` at
+    the value it had before it existed.
+    """
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if k not in EXECUTION_FIELDS
+        and not (k in KEY_OMITTED_AT_DEFAULT and KEY_OMITTED_AT_DEFAULT[k] == v)
+    }
 
 
 def flatten(config: CellConfig) -> dict[str, Any]:

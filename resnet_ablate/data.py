@@ -24,9 +24,11 @@ and the per-channel mean/std used for normalisation.
   a class-balanced part of the test set, for short runs. The selections use a fixed seed, not
   the cell's seed, so every cell of a grid trains and validates on the same images, and the
   normalisation does not change with the subset size. The test set is never touched.
-- **mean/std** are computed exactly (from a per-channel histogram), in [0, 1] units, population
-  std. For the full CIFAR-10 training set they are the published values (0.4914, 0.4822, 0.4465)
-  / (0.2470, 0.2435, 0.2616).
+- **mean/std** (``data.normalize: mean_std``, the default) are computed exactly (from a
+  per-channel histogram), in [0, 1] units, population std. For the full CIFAR-10 training set
+  they are the published values (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616).
+  ``data.normalize: half`` is the PyTorch tutorial's ``(x - 0.5) / 0.5`` instead: mean and std
+  0.5 in every channel, pixels to [-1, 1]. Either way the loader applies them on the device.
 
 :class:`DeviceLoader` moves a split to the device once and serves normalised float batches; the
 shuffle and the augmentation (pad-crop + horizontal flip, :func:`augment_batch`) are batched tensor
@@ -54,7 +56,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms.v2.functional import resize as tv_resize
 
-from .config import DataSpec
+from .config import DataSpec, Normalize
 from .errors import UserError
 
 ENV_VAR = "ABLATE_DATA"
@@ -93,7 +95,7 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A loaded dataset; mean/std are per channel in [0, 1] units, from the training images."""
+    """A loaded dataset; mean/std normalise it, per channel in [0, 1] units (`normalization`)."""
 
     name: str
     train: Split
@@ -131,7 +133,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
     val = None
     if spec.val_split is not None:
         train, val = _hold_out(train, spec.val_split, num_classes, spec.name)
-    mean, std = channel_stats(train.x)
+    mean, std = normalization(spec.normalize, train.x)
     if spec.train_subset is not None:
         held = " left after data.val_split" if val is not None else ""
         train = _subset(train, spec.train_subset, num_classes, f"{spec.name} training", held)
@@ -503,6 +505,20 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
         means.append(float(mean))
         stds.append(float(var.clamp_min(0).sqrt()))
     return tuple(means), tuple(stds)
+
+
+def normalization(
+    kind: Normalize, train_x: torch.Tensor
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) in [0, 1] units that the loader normalises with.
+
+    `mean_std`: those of the training images (:func:`channel_stats`). `half`: 0.5 and 0.5 in
+    every channel, so that `(x / 255 - 0.5) / 0.5` maps pixels to [-1, 1], as the tutorial does.
+    """
+    if kind == "half":
+        channels = train_x.shape[1]
+        return (0.5,) * channels, (0.5,) * channels
+    return channel_stats(train_x)
 
 
 def _class_ranks(

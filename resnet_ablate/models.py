@@ -34,14 +34,17 @@ Choices the papers leave open, and what this module does:
   not (pre, as in He et al.'s code and timm; bn_after_add, whose BN follows the addition).
 - Pre-activation (`pre`, and `relu_only_pre`, which pre-activates with ReLU alone): the stem is
   a bare conv (conv + BN for relu_only_pre) because the first unit activates its input; a
-  projection reads the pre-activated input; an identity or option-A shortcut reads the raw
-  input; the network ends with the unit's activation (BN-ReLU, or ReLU) before pooling.
-- `arch: tutorial` with `order: tutorial` is the PyTorch tutorial's network as written: a 7x7
-  stride-2 stem conv with bias, no padding and no BN, followed by ReLU (ReLU has no parameters;
-  it is there because every unit's shortcut and first conv expect a rectified input, as in
-  every ResNet stem), a bias-carrying 1x1 projection without BN. Every other order on that arch
-  uses bias-free convs with BN. Pooling is global: on 96x96 input the last stage is 3x3, so it
-  equals the tutorial's AvgPool2d(3), and other input sizes still work.
+  projection reads the pre-activated input (the recipe says so: `projection_reads_preact`); an
+  identity or option-A shortcut reads the raw input; the network ends with the unit's
+  activation (BN-ReLU, or ReLU) before pooling.
+- `arch: tutorial` with `order: tutorial` is the PyTorch tutorial's network as its code has it:
+  a bare 7x7 stride-2 stem conv with bias and no padding, straight into the max-pool (no BN, no
+  ReLU); 3x3 convs without bias, each followed by BN and ReLU; a 1x1 projection with bias and
+  without BN, reading the unit's raw input; PyTorch's default initialisation, since the
+  tutorial sets none. Every other order on that arch follows this module's conventions:
+  bias-free convs with BN, the recipe's stem activation, He initialisation. Pooling is global:
+  on 96x96 input the last stage is 3x3, so it equals the tutorial's AvgPool2d(3), and other
+  input sizes still work.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class Recipe(NamedTuple):
     last: str  # the branch's last layer
     after_add: str  # on the sum (on the branch output alone in a plain net)
     final: str  # after the last unit, before global pooling
+    # Pre-activation orders only: a projection shortcut reads the pre-activated input, as He et
+    # al.'s code and timm's resnetv2 do, not the raw one. Orders that do not pre-activate have
+    # nothing else to read (False). Identity and option-A shortcuts always read the raw input.
+    projection_reads_preact: bool = False
 
 
 #: He et al. 2016, Fig. 4 (a)-(e), plus the PyTorch tutorial's unit. Pre-activation orders (d, e)
@@ -77,8 +84,12 @@ RECIPES: dict[str, Recipe] = {
     "post": Recipe(stem="br", inner="cbr", last="cb", after_add="r", final=""),  # (a)
     "bn_after_add": Recipe(stem="br", inner="cbr", last="c", after_add="br", final=""),  # (b)
     "relu_before_add": Recipe(stem="br", inner="cbr", last="cbr", after_add="", final=""),  # (c)
-    "relu_only_pre": Recipe(stem="b", inner="rcb", last="rcb", after_add="", final="r"),  # (d)
-    "pre": Recipe(stem="", inner="brc", last="brc", after_add="", final="br"),  # (e)
+    "relu_only_pre": Recipe(  # (d)
+        stem="b", inner="rcb", last="rcb", after_add="", final="r", projection_reads_preact=True
+    ),
+    "pre": Recipe(  # (e)
+        stem="", inner="brc", last="brc", after_add="", final="br", projection_reads_preact=True
+    ),
     "tutorial": Recipe(stem="br", inner="cbr", last="cbr", after_add="r", final=""),
 }
 
@@ -138,12 +149,18 @@ class ZeroPadShortcut(nn.Module):
 
 
 def _shortcut(
-    kind: str, in_channels: int, out_channels: int, stride: int, norm: bool, bias: bool
+    kind: str,
+    reshapes: bool,
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    norm: bool,
+    bias: bool,
 ) -> nn.Module | None:
     """The shortcut of one unit: None in a plain net, identity wherever the shape is kept."""
     if kind == "none":
         return None
-    if in_channels == out_channels and stride == 1:
+    if not reshapes:
         return nn.Identity()
     if kind == "identity":
         return ZeroPadShortcut(stride, out_channels - in_channels)
@@ -170,9 +187,9 @@ class Unit(nn.Module):
     """One residual unit: `after_add(branch(preact(x)) + shortcut(x))`.
 
     `preact` holds the ops of a pre-activation order before the first convolution (empty
-    otherwise). A projection shortcut reads the pre-activated input, as He et al.'s code and
-    timm's resnetv2 do; an identity or option-A shortcut reads the raw input, so the signal path
-    stays clean. With `shortcut=None` (plain net) nothing is added.
+    otherwise). The shortcut reads the pre-activated input where `shortcut_reads_preact` (a
+    projection in a pre-activation order, see `Recipe`), the raw input otherwise, so an identity
+    path stays clean. With `shortcut=None` (plain net) nothing is added.
     """
 
     def __init__(
@@ -199,7 +216,7 @@ class Unit(nn.Module):
 
 
 def _unit(
-    spec: ModelSpec, in_channels: int, width: int, stride: int, tutorial_quirks: bool
+    spec: ModelSpec, in_channels: int, width: int, stride: int, as_written: bool
 ) -> tuple[Unit, int]:
     """A unit of `spec`'s block, order and shortcut; returns it and its output channels."""
     recipe = RECIPES[spec.order]
@@ -208,22 +225,25 @@ def _unit(
     ops = [op for conv, pattern in zip(convs, patterns, strict=True) for op in _wrap(conv, pattern)]
     n_pre = patterns[0].index("c")  # ops of the first layer that come before its convolution
     out_channels = convs[-1].out_channels
+    reshapes = in_channels != out_channels or stride != 1
     shortcut = _shortcut(
         spec.shortcut,
+        reshapes,
         in_channels,
         out_channels,
         stride,
         # The projection ends as the branch does: normalised where the last conv is followed
         # by BN. In `pre` the stream is un-normalised (timm, He et al.'s code: conv alone).
-        norm="cb" in recipe.last and not tutorial_quirks,
-        bias=tutorial_quirks,
+        norm="cb" in recipe.last and not as_written,
+        bias=as_written,
     )
+    projects = spec.shortcut == "projection" and reshapes
     unit = Unit(
         preact=nn.Sequential(*ops[:n_pre]),
         branch=nn.Sequential(*ops[n_pre:]),
         shortcut=shortcut,
         after_add=_activation(recipe.after_add, out_channels),
-        shortcut_reads_preact=isinstance(shortcut, nn.Sequential),
+        shortcut_reads_preact=projects and recipe.projection_reads_preact,
     )
     return unit, out_channels
 
@@ -240,11 +260,12 @@ class ResNet(nn.Module):
         n = units_per_stage(spec.arch, spec.block, spec.depth)
         recipe = RECIPES[spec.order]
         tutorial = spec.arch == "tutorial"
-        # The tutorial's own network: its stem conv and projection carry a bias and no BN.
-        quirks = tutorial and spec.order == "tutorial"
-        stem_ops = recipe.stem.replace("b", "") if quirks else recipe.stem
+        # The tutorial's own network as its code has it: a bare stem conv with bias (no BN, no
+        # ReLU before the max-pool), projections with bias and without BN, default init.
+        as_written = tutorial and spec.order == "tutorial"
+        stem_ops = "" if as_written else recipe.stem
         if tutorial:  # 96x96 -> 45x45 (7x7 stride 2, no padding) -> 22x22 after the max-pool
-            stem_conv = nn.Conv2d(in_channels, spec.width, 7, stride=2, bias=quirks)
+            stem_conv = nn.Conv2d(in_channels, spec.width, 7, stride=2, bias=as_written)
         else:  # 32x32 -> 32x32
             stem_conv = conv3x3(in_channels, spec.width)
         self.stem = nn.Sequential(*_wrap(stem_conv, "c" + stem_ops))
@@ -257,7 +278,7 @@ class ResNet(nn.Module):
             units = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
-                unit, channels = _unit(spec, channels, spec.width * 2**i, stride, quirks)
+                unit, channels = _unit(spec, channels, spec.width * 2**i, stride, as_written)
                 units.append(unit)
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)
@@ -266,7 +287,8 @@ class ResNet(nn.Module):
         # AvgPool2d(3) exactly, and other input sizes still work.
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        _init(self)
+        if not as_written:  # the tutorial sets no initialisation: PyTorch's defaults stand
+            _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))  # (B, w, H, W) for CIFAR

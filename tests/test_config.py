@@ -7,10 +7,14 @@ import csv
 import pytest
 
 from resnet_ablate.config import (
+    KEY_OMITTED_AT_DEFAULT,
+    SECTIONS,
     Cell,
     CellConfig,
+    DataSpec,
     GridError,
     ModelSpec,
+    TrainSpec,
     field_names,
     load_grid,
     units_per_stage,
@@ -134,6 +138,84 @@ def test_committed_results_match_their_grid_file(summary):
         rows = list(csv.DictReader(f))
     assert sorted(row["key"] for row in rows) == sorted(cell.key for cell in grid.cells)
     assert {row["status"] for row in rows} == {"finished"}
+
+
+# --- normalisation, and keys that outlive new fields ---------------------------------------
+
+TUTORIAL_CELL = {
+    "data": {"name": "cifar10", "resize": 96},
+    "model": {"arch": "tutorial", "order": "tutorial", "shortcut": "projection"},
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "key_before_normalize_existed"),
+    [({}, "0674090503c5"), (TUTORIAL_CELL, "93372cde5b22")],
+    ids=["defaults", "tutorial"],
+)
+def test_a_field_at_its_original_value_leaves_the_key_as_it_was(
+    config, key_before_normalize_existed
+):
+    cell = Cell(CellConfig.model_validate(config))
+    assert cell.config.data.normalize == "mean_std"
+    assert cell.key == key_before_normalize_existed
+    config = {**config, "data": {**config.get("data", {}), "normalize": "half"}}
+    half = Cell(CellConfig.model_validate(config))
+    assert half.key != cell.key
+    # MLflow params hold the field whatever its value.
+    assert cell.params["data.normalize"] == "mean_std" and half.params["data.normalize"] == "half"
+
+
+def test_keys_omitted_at_default_name_fields_at_their_default():
+    for name, value in KEY_OMITTED_AT_DEFAULT.items():
+        section, _, fname = name.partition(".")
+        assert SECTIONS[section].model_fields[fname].default == value, name
+
+
+def test_normalize_rejects_other_values(write_grid):
+    path = write_grid(GRID.replace("augment: true}", "augment: true, normalize: minmax}"))
+    with pytest.raises(GridError, match=r"base\.data\.normalize: 'minmax' is not allowed"):
+        load_grid(path)
+    assert DataSpec(normalize="half").normalize == "half"
+
+
+def test_normalize_half_gives_the_committed_quick_cells_new_keys():
+    """The committed keys hold (test_committed_results_match_their_grid_file); `half` is new."""
+    with open(RESULTS / "quick" / "summary.csv", newline="") as f:
+        committed = {row["key"] for row in csv.DictReader(f)}
+    halved = load_grid(EXPERIMENTS / "quick.yaml", ["data.normalize=half"]).cells
+    assert len(halved) == len(committed) and not {c.key for c in halved} & committed
+
+
+def test_tutorial_grid_starts_with_the_tutorial_as_written():
+    grid = load_grid(EXPERIMENTS / "tutorial.yaml")
+    first = grid.cells[0].config
+    assert first.data == DataSpec(
+        name="cifar10", download=True, augment=False, resize=96, normalize="half"
+    )
+    assert first.model == ModelSpec(
+        arch="tutorial", block="basic", shortcut="projection", order="tutorial", depth=18, width=64
+    )
+    assert first.train == TrainSpec(
+        epochs=20,
+        batch_size=64,
+        lr=0.01,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_lr=None,
+        warmup_iters=0,
+    )
+    # The paper's unit orders follow, on the same network and setup.
+    orders = [c.config.model.order for c in grid.cells]
+    assert orders[0] == "tutorial"
+    assert {"post", "bn_after_add", "relu_before_add", "relu_only_pre", "pre"} <= set(orders)
+    for cell in grid.cells:
+        assert cell.config.data == first.data and cell.config.train == first.train
+        assert cell.config.model == first.model.model_copy(
+            update={"order": cell.config.model.order}
+        )
 
 
 # --- mistakes -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from resnet_ablate import data as data_module
 from resnet_ablate.config import DataSpec
@@ -563,6 +564,32 @@ def test_normalisation_uses_mean_and_std():
     torch.testing.assert_close(x.double(), expected, atol=1e-5, rtol=0)
     with pytest.raises(TypeError):
         normalize(x, loader.mean, loader.std)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "fashion-mnist"])
+def test_normalize_half_maps_pixels_to_minus_one_to_one_as_the_tutorial_does(tmp_path, name):
+    if name == "fashion-mnist":
+        write_fmnist(tmp_path)
+    spec = DataSpec(name=name, root=str(tmp_path), normalize="half", resize=48)
+    ds = load_dataset(spec)
+    channels = ds.in_channels
+    assert (ds.mean, ds.std) == ((0.5,) * channels, (0.5,) * channels)
+    assert load_dataset(spec.model_copy(update={"normalize": "mean_std"})).mean != ds.mean
+    loader = DeviceLoader(ds.test, batch_size=len(ds.test), mean=ds.mean, std=ds.std, train=False)
+    ((x, _),) = loader.epoch()
+    # The tutorial: float32 pixels / 255, then (x - 0.5) / 0.5; equal to float32 rounding.
+    tutorial = (ds.test.x.numpy().astype(np.float32) / 255 - 0.5) / 0.5
+    torch.testing.assert_close(x, torch.from_numpy(tutorial), rtol=0, atol=2.5e-7)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    assert float(x.min()) < -0.9 and float(x.max()) > 0.9  # the range is used, not squeezed
+
+
+def test_resize_is_pils_bilinear_resize():
+    """The tutorial resizes each PIL image with `resize((96, 96), 2)`; this is the same."""
+    x = load_dataset(DataSpec(name="synthetic")).train.x[:20]
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()).resize((96, 96), 2) for img in x]
+    expected = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in pil])
+    assert torch.equal(data_module.resize_images(x, 96), expected)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -304,50 +304,270 @@ def test_stem_activation_and_final_activation(order):
         assert torch.equal(pool_in, unit_out)
 
 
-@pytest.mark.parametrize("order", PRE_ACTIVATION)
-def test_projection_reads_the_pre_activated_input(order):
-    model = small("basic", "projection", order)
-    unit = model.stages[1][0]  # 4 -> 8 channels, 32x32 -> 16x16: projected
-    first_conv = [m for m in unit.branch.modules() if isinstance(m, nn.Conv2d)][0]
-    seen: dict[str, torch.Tensor] = {}
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_what_the_shortcut_reads_follows_the_order(block, shortcut, order):
+    """A projection in a pre-activation order reads the pre-activated input; all else the raw.
+
+    He et al. 2016 (their code) and timm's resnetv2: the projection sees what the branch's first
+    convolution sees; an identity or option-A shortcut keeps the signal path clean.
+    """
+    model = small(block, shortcut, order)
+    pre_activates = order in PRE_ACTIVATION
+    assert models.RECIPES[order].projection_reads_preact == pre_activates
+    seen: dict[nn.Module, torch.Tensor] = {}
+    watched = [m for u in units(model) for m in (u, u.shortcut)]
     hooks = [
-        module.register_forward_pre_hook(lambda m, args, key=key: seen.update({key: args[0]}))
-        for key, module in [("unit", unit), ("shortcut", unit.shortcut), ("branch", first_conv)]
+        m.register_forward_pre_hook(lambda m, args: seen.update({m: args[0]})) for m in watched
     ]
-    model(torch.randn(4, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-    x = seen["unit"]
-    preactivated = F.relu(normalize(x) if order == "pre" else x)
-    assert (x < 0).any()  # so reading x itself would fail
-    assert torch.allclose(seen["branch"], preactivated, atol=1e-4)
-    assert torch.allclose(seen["shortcut"], preactivated, atol=1e-4)
+    try:
+        model(torch.randn(4, 3, 32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    projected = 0
+    for unit in units(model):
+        x = seen[unit]
+        preactivated = unit.preact(x)
+        projects = any(isinstance(m, nn.Conv2d) for m in unit.shortcut.modules())
+        projected += projects
+        assert unit.shortcut_reads_preact == (projects and pre_activates)
+        if projects and pre_activates:
+            assert (x < 0).any() and not torch.equal(preactivated, x)  # so reading x would fail
+            assert torch.equal(seen[unit.shortcut], preactivated)
+        else:
+            assert torch.equal(seen[unit.shortcut], x)
+    assert projected == (0 if shortcut == "identity" else 2 if block == "basic" else 3)
 
 
 # --------------------------------------------------------------------------------------------
-# The tutorial's network.
+# The tutorial's network, transcribed from its code (a `resnet` of `residual_block`s, PyTorch of
+# 2017 without `Variable`). Its published printout for one (3, 96, 96) input:
+#   block 1 output: (64, 45, 45)     the 7x7 stride-2 conv, no padding: 96 -> 45
+#   block 2 output: (64, 22, 22)     3x3 stride-2 max-pool, no padding: 45 -> 22; two units
+#   block 3 output: (128, 11, 11)    stride-2 units with 3x3 convs, padding 1: 22 -> 11
+#   block 4 output: (256, 6, 6)      11 -> 6
+#   block 5 output: (512, 1, 1)      6 -> 3, then AvgPool2d(3): 3 -> 1
+# and 11,180,682 parameters for 10 classes.
+
+TUTORIAL_PRINTOUT = [(64, 45, 45), (64, 22, 22), (128, 11, 11), (256, 6, 6), (512, 1, 1)]
+TUTORIAL_PARAMS = 11_180_682
 
 
-def test_tutorial_network_as_written():
-    model = build_model(spec(arch="tutorial", order="tutorial", shortcut="projection"), 3, 10)
-    assert sum(p.numel() for p in model.parameters()) == 11_180_682
-    watched = [model.stem, *model.stages, model.pool]
-    out, io = record(model, watched, torch.randn(1, 3, 96, 96))
-    shapes = [tuple(o.shape[1:]) for _, o in io]
-    assert shapes == [
-        (64, 45, 45),
-        (64, 22, 22),
-        (128, 11, 11),
-        (256, 6, 6),
-        (512, 3, 3),
-        (512, 1, 1),
-    ]
+class TutorialResidualBlock(nn.Module):
+    """The tutorial's unit: relu(x' + relu(bn2(conv2(relu(bn1(conv1(x))))))).
+
+    x' is x where the shape is kept, else conv3(x): a 1x1 stride-2 conv with bias, no BN.
+    """
+
+    def __init__(self, in_channel: int, out_channel: int, same_shape: bool = True) -> None:
+        super().__init__()
+        self.same_shape = same_shape
+        stride = 1 if same_shape else 2
+        self.conv1 = nn.Conv2d(in_channel, out_channel, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channel)
+        self.conv2 = nn.Conv2d(out_channel, out_channel, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channel)
+        if not same_shape:
+            self.conv3 = nn.Conv2d(in_channel, out_channel, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = F.relu(self.bn1(out), True)
+        out = self.conv2(out)
+        out = F.relu(self.bn2(out), True)
+        if not self.same_shape:
+            x = self.conv3(x)
+        return F.relu(x + out, True)
+
+
+class TutorialResNet(nn.Module):
+    """The tutorial's `resnet`: no initialisation of its own, so PyTorch's defaults."""
+
+    def __init__(self, in_channel: int, num_classes: int) -> None:
+        super().__init__()
+        self.block1 = nn.Conv2d(in_channel, 64, 7, 2)
+        self.block2 = nn.Sequential(
+            nn.MaxPool2d(3, 2), TutorialResidualBlock(64, 64), TutorialResidualBlock(64, 64)
+        )
+        self.block3 = nn.Sequential(
+            TutorialResidualBlock(64, 128, False), TutorialResidualBlock(128, 128)
+        )
+        self.block4 = nn.Sequential(
+            TutorialResidualBlock(128, 256, False), TutorialResidualBlock(256, 256)
+        )
+        self.block5 = nn.Sequential(
+            TutorialResidualBlock(256, 512, False),
+            TutorialResidualBlock(512, 512),
+            nn.AvgPool2d(3),
+        )
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block1(x)
+        x = self.block2(x)
+        x = self.block3(x)
+        x = self.block4(x)
+        x = self.block5(x)
+        x = x.view(x.shape[0], -1)
+        return self.classifier(x)
+
+
+def tutorial_as_written() -> nn.Module:
+    """Our build of the tutorial's network: the spec `experiments/tutorial.yaml` starts with."""
+    return build_model(
+        spec(arch="tutorial", order="tutorial", block="basic", shortcut="projection", depth=18),
+        3,
+        10,
+    )
+
+
+def layer_list(model: nn.Module, x: torch.Tensor) -> list[tuple]:
+    """Each layer that runs, in the order it runs, as (kind, configuration).
+
+    ReLU is left out: the tutorial calls it as a function, so it is no module there; the
+    forward-pass test checks where it acts. Pooling is described by its output shape, since
+    AvgPool2d(3) and global average pooling are the same on a 3x3 map.
+    """
+    ran: list[tuple] = []
+
+    def describe_layer(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            has_bias = m.bias is not None
+            ran.append(
+                (
+                    "conv",
+                    m.in_channels,
+                    m.out_channels,
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    has_bias,
+                )
+            )
+        elif isinstance(m, nn.BatchNorm2d):
+            ran.append(("bn", m.num_features, m.eps, m.momentum, m.affine))
+        elif isinstance(m, nn.MaxPool2d):
+            ran.append(("maxpool", m.kernel_size, m.stride, m.padding, m.ceil_mode))
+        elif isinstance(m, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+            ran.append(("avgpool", tuple(out.shape[1:])))
+        elif isinstance(m, nn.Linear):
+            ran.append(("linear", m.in_features, m.out_features, m.bias is not None))
+
+    hooks = [m.register_forward_hook(describe_layer) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Load `source`'s state into `target`, entry by entry in order; shapes must agree."""
+    src, dst = source.state_dict(), target.state_dict()
+    assert len(src) == len(dst)
+    for (a, va), (b, vb) in zip(src.items(), dst.items(), strict=True):
+        assert va.shape == vb.shape and a.split(".")[-1] == b.split(".")[-1], (a, b)
+    target.load_state_dict(dict(zip(dst, src.values(), strict=True)))
+
+
+def test_tutorial_transcription_matches_its_published_printout():
+    reference = TutorialResNet(3, 10)
+    watched = [reference.block1, reference.block2, reference.block3, reference.block4]
+    out, io = record(reference, [*watched, reference.block5], torch.zeros(1, 3, 96, 96))
+    assert [tuple(o.shape[1:]) for _, o in io] == TUTORIAL_PRINTOUT
     assert out.shape == (1, 10)
-    # The stem is conv (with bias) then ReLU, no BN: its output is the rectified conv.
-    conv = main_path_convs(model)[0][1]
-    assert conv.bias is not None and conv.padding == (0, 0)
-    x = io[0][0]
-    assert torch.allclose(io[0][1], F.relu(conv(x)), atol=1e-5)
+    assert sum(p.numel() for p in reference.parameters()) == TUTORIAL_PARAMS
+
+
+def test_tutorial_network_as_written_has_its_shapes_and_parameters():
+    model = tutorial_as_written()
+    assert sum(p.numel() for p in model.parameters()) == TUTORIAL_PARAMS
+    watched = [model.stem, *model.stages, model.pool]
+    out, io = record(model, watched, torch.zeros(1, 3, 96, 96))
+    shapes = [tuple(o.shape[1:]) for _, o in io]
+    # The printout's block 2 is the max-pool and the first stage; block 5 ends with the pooling.
+    assert [shapes[0], *shapes[1:4], shapes[5]] == TUTORIAL_PRINTOUT
+    assert shapes[4] == (512, 3, 3)
+    assert out.shape == (1, 10)
+    # A bare stem: the convolution alone, straight into the max-pool.
+    assert [type(m) for m in model.stem] == [nn.Conv2d]
+
+
+def test_tutorial_network_as_written_is_the_tutorials_layer_for_layer():
+    reference, model = TutorialResNet(3, 10), tutorial_as_written()
+    x = torch.randn(1, 3, 96, 96)
+    assert layer_list(model, x) == layer_list(reference, x)
+    # Three ReLUs a unit (after each BN, after the addition) and none anywhere else.
+    relus = [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 3 * 8 and all(name.startswith("stages.") for name in relus)
+
+
+def test_tutorial_network_as_written_computes_what_the_tutorial_computes():
+    """Bit for bit up to the pooling; AvgPool2d(3) and a global mean round differently.
+
+    The pooled values differ in the last bit of float32 (sum / 9 against a mean), so the
+    logits and the gradients are compared at float32 precision.
+    """
+    torch.manual_seed(0)
+    reference, model = TutorialResNet(3, 10), tutorial_as_written()
+    _randomize_bn(reference)
+    copy_weights(reference, model)
+    x = torch.randn(4, 3, 96, 96)
+    for mode in ("train", "eval"):  # batch statistics, then running statistics
+        reference.train(mode == "train")
+        model.train(mode == "train")
+        expected, [(ref_features, _)] = record(reference, [reference.block5[2]], x)
+        out, [(features, _)] = record(model, [model.pool], x)
+        assert torch.equal(features, ref_features), mode  # (4, 512, 3, 3)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # Training moved the BN running statistics identically.
+    states = zip(reference.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in states)
+    for net in (reference, model):
+        net.train()
+        net(x).logsumexp(1).sum().backward()
+    grads = zip(reference.parameters(), model.parameters(), strict=True)
+    for a, b in grads:
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+    # A stem with a ReLU (as this module once built it) fails the same comparison.
+    model.stem.append(nn.ReLU())
+    expected, out = reference.eval()(x), model.eval()(x)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_tutorial_network_as_written_keeps_pytorchs_default_initialisation():
+    """The tutorial initialises nothing: the same seed gives the very same weights."""
+    torch.manual_seed(7)
+    reference = TutorialResNet(3, 10)
+    torch.manual_seed(7)
+    model = tutorial_as_written()
+    pairs = zip(reference.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    conv_biases = [
+        m.bias for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is not None
+    ]
+    assert len(conv_biases) == 4 and all(b.abs().sum() > 0 for b in conv_biases)
+
+
+@pytest.mark.parametrize("order", [o for o in ORDERS if o != "tutorial"])
+def test_other_orders_on_the_tutorial_arch_keep_their_stem_and_he_init(order):
+    model = build_model(spec(arch="tutorial", order=order, shortcut="projection", width=8), 3, 10)
+    stem = {"br": [nn.BatchNorm2d, nn.ReLU], "b": [nn.BatchNorm2d], "": []}
+    assert [type(m) for m in model.stem] == [nn.Conv2d, *stem[models.RECIPES[order].stem]]
+    conv = model.stem[0]
+    assert conv.bias is None
+    fan_out = conv.out_channels * 7 * 7
+    assert abs(conv.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.1
+
+
+def test_tutorial_order_on_cifar_keeps_conv_bn_relu_stem():
+    model = small("basic", "projection", "tutorial")
+    assert [type(m) for m in model.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
 
 
 @pytest.mark.parametrize("order", ORDERS)
