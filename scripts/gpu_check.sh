@@ -16,7 +16,7 @@
 #   summary.txt       one line per step (passed, failed with its exit code, or skipped, with
 #                     its seconds), then the total wall time; one line is added per step ended
 #   env.txt           Python, torch, CUDA, cuDNN versions, the GPUs (nvidia-smi), what it installed
-#   cuda-tests.txt    pytest of tests/test_cuda.py, the one module that holds the CUDA tests
+#   cuda-tests.txt    pytest of tests/test_cuda.py: the trainer's and the bench's CUDA tests
 #   cuda-tests.xml    the same as JUnit XML
 #   bench.json        `ablate bench --each --json` of MODEL at BATCH: the standard loop, each
 #                     feature alone, then the features added one at a time (what each row ran,
@@ -30,6 +30,8 @@
 #   sweep.json        `ablate bench --workers-sweep WORKERS --pack processes --json`: N trainers
 #                     at once, each process set up as `ablate run --workers N` sets up its workers
 #   sweep.txt         that result as a table
+#   cuda-model-tests.txt  pytest -m cuda of tests/test_models.py (graph capture of each
+#                     shortcut, inductor in bf16 channels-last): last, as compiling is slow
 #
 # Settings (environment): OUT, PYTHON (python3), DEVICE (cuda), MODEL (plain-56), BATCH (128),
 # FEATURES, BUDGET, BENCH_ARGS (extra `ablate bench` options), WORKERS (1,2,4), SWEEP_SECONDS (4),
@@ -132,7 +134,7 @@ EOF
 cat "$OUT/env.txt" >>"$LOG"
 note "env: env.txt written after ${SECONDS}s"
 
-# 1. The CUDA tests: one module holds them all (a missing import there fails, never collects 0).
+# 1. The CUDA tests, listed by module (a missing import fails the step, never collects 0 tests).
 step cuda-tests 90 "$OUT/cuda-tests.txt" "$PY" -m pytest -q -rs -p no:cacheprovider \
   --junitxml "$OUT/cuda-tests.xml" tests/test_cuda.py
 
@@ -206,6 +208,10 @@ EOF
 step sweep 75 "$OUT/sweep.json" "${BENCH[@]}" --features "$FEATURES" --workers-sweep "$WORKERS" \
   --pack processes --seconds "$SWEEP_SECONDS" --json "${EXTRA[@]}" &&
   "$PY" -m resnet_ablate.bench.step "$OUT/sweep.json" >"$OUT/sweep.txt" 2>>"$LOG"
+
+# 5. The models' CUDA tests (torch.compile's inductor takes its time): last.
+step cuda-model-tests 75 "$OUT/cuda-model-tests.txt" "$PY" -m pytest -q -rs -p no:cacheprovider \
+  -m cuda tests/test_models.py
 
 note "total: ${SECONDS}s of a ${BUDGET}s budget; $( ((failed)) && echo "some steps failed or were skipped" || echo "every step passed")"
 cat "$SUMMARY"

@@ -55,12 +55,14 @@ def test_the_gpu_check_dry_runs_on_a_cpu(tmp_path):
 
     assert {p.name for p in out.iterdir()} == header_files() != set()
     summary = (out / "summary.txt").read_text()
-    for name in ("cuda-tests", "bench", "smoke-grid", "sweep"):
+    for name in ("cuda-tests", "bench", "smoke-grid", "sweep", "cuda-model-tests"):
         assert f"{name}: passed in " in summary, summary
     assert "every step passed" in summary
 
     tests = (out / "cuda-tests.txt").read_text()  # collected, and skipped with the reason
     assert re.search(r"\b1[0-9] skipped\b", tests) and "needs CUDA: the GPU path" in tests
+    models = (out / "cuda-model-tests.txt").read_text()
+    assert re.search(r"\b5 skipped, \d+ deselected\b", models), models
 
     bench = json.loads((out / "bench.json").read_text())
     rows = {row["name"]: row for row in bench["rows"]}
