@@ -2,7 +2,9 @@
 
 Speed is measured, never asserted: these tests check that every row runs and reports a positive
 rate, that the ratios are computed from those rates, that rows a device cannot run are skipped
-visibly, and that the command's output and errors are what a user and a script expect.
+visibly, that the JSON says how the device was set up and what each row ran, and that the
+command's output and errors are what a user and a script expect. The CUDA rows are tested in
+test_cuda.py.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ from .conftest import ablate
 
 TINY = "plain-8-w4"
 CPU = torch.device("cpu")
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: CUDA-graph rows are GPU-only"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +159,11 @@ def test_bench_times_the_standard_loop_and_each_trainer_row(small):
     assert result["headline"]["standard_images_per_second"] == standard
     assert (result["model"], result["shape"], result["batch"]) == (TINY, [3, 32, 32], 32)
     assert result["params"] == describe(build_model(parse_model(TINY), 3, 10), (3, 32, 32)).params
+    assert [row["step"] for row in result["rows"]] == ["standard", "eager", "eager", "eager"]
+    setup = result["device_setup"]  # what the one device set-up of `ablate run` set here
+    assert setup["device"] == "cpu" and setup["cuda_device"] is None
+    assert setup["cudnn_benchmark"] is None and setup["threads_in_effect"] == 1
+    assert result["graph_fallback"] is None  # no graph row ran
 
 
 def test_cuda_rows_are_skipped_visibly_where_there_is_no_cuda(small):
@@ -237,6 +241,9 @@ def test_workers_sweep_in_processes_as_the_runner_starts_them(small):
     (point,) = result["points"]
     assert point["error"] == "", point["error"]
     assert point["workers"] == 2 and point["images_per_second"] > 0
+    # Each worker process was set up as the runner sets up its workers: the cores shared.
+    assert [s["device"] for s in point["setups"]] == ["cpu", "cpu"]
+    assert all(s["threads"] == s["threads_in_effect"] >= 1 for s in point["setups"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,45 +279,3 @@ def test_an_unknown_model_label_exits_2_with_a_clear_message(tmp_path):
     assert proc.returncode == 2
     assert "--model 'resnet-56': expected FAMILY-DEPTH" in proc.stderr
     assert "plain-56" in proc.stderr and "Traceback" not in proc.stderr
-
-
-# --------------------------------------------------------------------------------------------
-# CUDA: the graph rows beside the eager ones (skipped, with the reason, without a GPU).
-
-
-@pytest.mark.cuda
-@needs_cuda
-def test_cuda_graph_and_eager_rows_both_timed(small):
-    result = bench_step(
-        TINY,
-        batch=32,
-        device="cuda",
-        dataset=small,
-        features="resident,bf16,channels_last,cuda_graph",
-        steps=5,
-        repeats=2,
-        loader_workers=0,
-    )
-    rows = _rows(result)
-    eager, graph = rows["+ channels_last"], rows["+ CUDA graph"]
-    assert graph["features"] == [*eager["features"], "cuda_graph"]
-    assert graph["note"] == ""  # captured: it did not fall back to eager
-    assert eager["images_per_second"] > 0 and graph["images_per_second"] > 0
-    _check_rates(result)
-
-
-@pytest.mark.cuda
-@needs_cuda
-def test_cuda_streams_pack_graphed_trainers(small):
-    result = workers_sweep(
-        TINY,
-        counts=(1, 2),
-        pack="streams",
-        batch=32,
-        device="cuda",
-        dataset=small,
-        features=["resident", "bf16", "channels_last", "cuda_graph"],
-        seconds=0.5,
-        loader_workers=0,
-    )
-    assert all(p["error"] == "" and p["images_per_second"] > 0 for p in result["points"])

@@ -1,26 +1,53 @@
-"""The training engine: schedule, learning, divergence, checkpoints and resume, CUDA graphs."""
+"""The training engine: schedule, learning, divergence, checkpoints and resume, and the logic of
+the GPU path that runs without a GPU (device set-up, optimizer state across modes, the graph's
+self-check and fallback, timing). What needs CUDA itself is in test_cuda.py."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import math
+import warnings
 
 import pytest
 import torch
 
+from resnet_ablate import train
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
-from resnet_ablate.data import load_dataset
+from resnet_ablate.data import DeviceLoader, load_dataset
+from resnet_ablate.errors import UserError
 from resnet_ablate.models import build_model, main_path_convs
 from resnet_ablate.train import (
+    TAG_DEVICE,
+    TAG_GRAPH_FALLBACK,
+    TAG_STEP,
     ExecOptions,
+    Runtime,
+    SteadyClock,
+    Step,
+    build_step,
+    compare_to_eager,
     gradient_norms,
+    graph_status,
+    graph_verdict,
     load_checkpoint,
+    load_optimizer_state,
     lr_at,
+    make_optimizer,
+    plain_optimizer_state,
+    plan_device,
+    resolve_device,
     resolve_runtime,
+    restored_stream,
+    setup_device,
     train_cell,
+    turn_graph_off,
 )
 
 CPU = ExecOptions(device="cpu")
+#: fp32 on the CPU: bit-reproducible, so two equal steps agree exactly.
+CPU_FP32 = Runtime(torch.device("cpu"), None, channels_last=False, cuda_graph=False, compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +122,8 @@ def test_training_learns_and_records_every_epoch(synthetic, tmp_path):
     assert final["best_test_err"] == min(h["test_err"] for h in result.history)
     layers = result.grad_flow["layers"]
     assert len(layers) == 7  # depth 8: every conv but the classifier
+    assert result.tags == {TAG_STEP: "eager", TAG_DEVICE: result.runtime}  # what ran, no fallback
+    assert "cuda_graph" not in result.runtime
     assert set(result.grad_flow["epochs"]) == {"1", "3"}
     assert all(n > 0 and math.isfinite(n) for n in result.grad_flow["epochs"]["1"])
 
@@ -162,18 +191,281 @@ def test_gradient_probe_leaves_training_state_untouched(synthetic):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the graph path is GPU-only")
-def test_cuda_graph_matches_eager(synthetic):
-    config = tiny(epochs=2)
-    options = ExecOptions(device="cuda", precision="fp32", channels_last=False)
-    eager = train_cell(
-        config,
-        synthetic,
-        key="k",
-        options=ExecOptions(device="cuda", precision="fp32", channels_last=False, cuda_graph=False),
+# --------------------------------------------------------------------------------------------
+# The device set-up: one place, for `ablate run` and `ablate bench`.
+
+
+def test_device_plan_sets_the_gpu_of_a_worker_and_cudnn_benchmark_only_on_cuda():
+    worker = plan_device(torch.device("cuda:1"))  # the runner's round-robin gives cuda:N
+    assert (worker.cuda_device, worker.cudnn_benchmark, worker.threads) == (1, True, None)
+    assert plan_device(torch.device("cuda")).cuda_device is None  # the current device stays
+    cpu = plan_device(torch.device("cpu"), threads=2)
+    assert (cpu.cuda_device, cpu.cudnn_benchmark, cpu.threads) == (None, None, 2)
+
+
+def test_setup_device_applies_the_threads_and_records_them():
+    before = torch.get_num_threads()
+    try:
+        setup = setup_device(ExecOptions(device="cpu", threads=1))
+        assert torch.get_num_threads() == 1
+        assert setup.record() == {
+            "device": "cpu",
+            "cuda_device": None,
+            "cudnn_benchmark": None,
+            "threads": 1,
+            "threads_in_effect": 1,
+        }
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+@pytest.mark.parametrize(
+    ("name", "says"), [("cuda:1", "CUDA is not available"), ("gpu0", "choose auto, cpu")]
+)
+def test_a_device_that_cannot_be_used_is_one_clear_error(name, says):
+    with pytest.raises(UserError, match=says):
+        resolve_device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer across modes: a checkpoint written eagerly (or on a CPU) resumed for a graph.
+
+GRAPH_ON_CPU = dataclasses.replace(CPU_FP32, cuda_graph=True)  # the graph path's optimizer
+
+
+def _one_sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(8, 3, 16, 16)).sum().backward()
+    optimizer.step()
+
+
+def test_a_checkpoint_from_another_mode_keeps_this_runs_optimizer_choices():
+    spec = TrainSpec(lr=0.1)
+    torch.manual_seed(0)
+    eager_model = build_model(ModelSpec(depth=8, width=4), 3, 10)
+    eager = make_optimizer(eager_model, spec, CPU_FP32)
+    _one_sgd_step(eager_model, eager)
+    buffer = io.BytesIO()
+    torch.save(plain_optimizer_state(eager), buffer)  # as a checkpoint holds it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["param_groups"][0]["foreach"] is True
+
+    graph_model = copy.deepcopy(eager_model)
+    graph = make_optimizer(graph_model, spec, GRAPH_ON_CPU)
+    lr = graph.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and graph.param_groups[0]["fused"] is True
+    plain = make_optimizer(copy.deepcopy(eager_model), spec, GRAPH_ON_CPU)
+    plain.load_state_dict(saved)  # what torch alone does: the eager checkpoint's flags win
+    assert plain.param_groups[0]["foreach"] and not isinstance(
+        plain.param_groups[0]["lr"], torch.Tensor
     )
-    with torch.backends.cudnn.flags(deterministic=True, benchmark=False):
-        graph = train_cell(config, synthetic, key="k", options=options)
-    for a, b in zip(eager.history, graph.history, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
-        assert a["lr"] == pytest.approx(b["lr"])
+
+    load_optimizer_state(graph, saved)
+    (group,) = graph.param_groups
+    assert group["fused"] is True and not group["foreach"]
+    assert group["lr"] is lr  # the very tensor a captured graph reads
+    for p_graph, p_eager in zip(graph_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(
+            graph.state[p_graph]["momentum_buffer"], eager.state[p_eager]["momentum_buffer"]
+        )
+    step = Step(graph_model, graph, GRAPH_ON_CPU)
+    step.set_lr(0.02)
+    assert lr.item() == pytest.approx(0.02)  # the schedule still reaches it
+
+
+def test_a_graph_checkpoint_resumed_eagerly_gets_a_float_lr_and_foreach():
+    spec = TrainSpec(lr=0.1)
+    model = build_model(ModelSpec(depth=8, width=4), 3, 10)
+    graph = make_optimizer(model, spec, GRAPH_ON_CPU)
+    _one_sgd_step(model, graph)
+    saved = plain_optimizer_state(graph)
+    assert isinstance(saved["param_groups"][0]["lr"], float)
+    eager = make_optimizer(model, spec, CPU_FP32)
+    load_optimizer_state(eager, saved)
+    assert eager.param_groups[0]["foreach"] is True and not eager.param_groups[0]["fused"]
+    assert eager.param_groups[0]["lr"] == 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# The graph's self-check, tested on the CPU with steps that differ from the eager one as a
+# broken graph would: a stale learning rate, a stale batch, a wrong loss.
+
+
+class StaleLr(Step):
+    """Keeps the first learning rate it is given, as a graph that captured a float lr would."""
+
+    def set_lr(self, lr: float) -> None:
+        if not hasattr(self, "_first"):
+            self._first = lr
+        super().set_lr(self._first)
+
+
+class StaleBatch(Step):
+    """Trains on its first batch every time, as a graph that never copies its input would."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not hasattr(self, "_batch"):
+            self._batch = (x.clone(), y.clone())
+        super().__call__(*self._batch)
+
+
+class WrongLoss(Step):
+    """Trains right but sums a loss 5% too high."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__call__(x, y)
+        self.sums[0] *= 1.05
+
+
+@pytest.fixture
+def check_batches(synthetic):
+    loader = DeviceLoader(
+        synthetic.train, batch_size=32, mean=synthetic.mean, std=synthetic.std, train=False
+    )
+    batches = [b for _, b in zip(range(train.SELF_CHECK_STEPS), loader.epoch(0), strict=False)]
+    lrs = [0.1 * (0.5 if i % 2 else 1.0) for i in range(len(batches))]
+    return batches, lrs
+
+
+def _pair(kind: type[Step]) -> tuple[Step, Step]:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(depth=8, width=8, shortcut="identity"), 3, 10)
+    spec = TrainSpec(lr=0.1)
+    twin = copy.deepcopy(model)
+    eager = Step(model, make_optimizer(model, spec, CPU_FP32), CPU_FP32)
+    return eager, kind(twin, make_optimizer(twin, spec, CPU_FP32), CPU_FP32)
+
+
+def test_the_self_check_accepts_a_step_that_trains_alike(check_batches):
+    assert compare_to_eager(*_pair(Step), *check_batches) == ""
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        (StaleLr, "the weights differ by"),
+        (StaleBatch, "step 2 loss"),
+        (WrongLoss, "step 1 loss"),
+    ],
+)
+def test_the_self_check_names_a_step_that_differs(check_batches, kind, says):
+    reason = compare_to_eager(*_pair(kind), *check_batches)
+    assert reason.startswith("self-check: ") and says in reason
+    assert "\n" not in reason  # one line: it becomes a tag
+
+
+@pytest.fixture
+def fresh_verdicts(monkeypatch):
+    """This process's verdicts on CUDA graphs, empty for the test and restored after it."""
+    monkeypatch.setattr(train, "_graph_verdicts", {})
+
+
+def test_the_verdict_is_checked_once_and_a_failure_warns_once(fresh_verdicts):
+    cpu, calls = torch.device("cpu"), []
+
+    def check() -> str:
+        calls.append(1)
+        return "self-check: step 4 loss 3 with the graph, 2 eagerly (tolerance 2%)"
+
+    assert graph_status(cpu) is None
+    with pytest.warns(RuntimeWarning, match="CUDA graph turned off for this process on cpu"):
+        reason = graph_verdict(cpu, check)
+    assert reason.startswith("self-check: step 4") and graph_status(cpu) == reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would fail here
+        assert graph_verdict(cpu, check) == reason
+        turn_graph_off(cpu, "CUDA graph capture failed (another reason)")
+    assert calls == [1] and graph_status(cpu) == reason
+
+
+def test_a_passing_verdict_stays_until_a_capture_fails(fresh_verdicts):
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert graph_verdict(cpu, lambda: "") == ""
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        turn_graph_off(cpu, "CUDA graph capture failed (RuntimeError: x)")
+    assert graph_verdict(cpu, lambda: "") == "CUDA graph capture failed (RuntimeError: x)"
+
+
+def test_a_self_check_that_raises_turns_the_graph_off_with_the_reason(fresh_verdicts):
+    def check() -> str:
+        raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
+
+    with pytest.warns(RuntimeWarning):
+        reason = graph_verdict(torch.device("cpu"), check)
+    assert (
+        reason == "the graph self-check raised RuntimeError: CUDA error: an illegal memory access"
+    )
+
+
+def test_build_step_falls_back_to_eager_and_tags_why(synthetic, fresh_verdicts):
+    # A graph asked for where none can be made (no CUDA): the self-check fails, the step is
+    # eager, and its tags and description say so.
+    model = build_model(ModelSpec(depth=8, width=8), 3, 10)
+    with pytest.warns(RuntimeWarning, match="CUDA graph turned off"):
+        step = build_step(model, TrainSpec(batch_size=32), synthetic, GRAPH_ON_CPU)
+    assert type(step) is Step and not step.uses_graph
+    assert step.optimizer.param_groups[0]["foreach"] is True  # the eager optimizer
+    assert step.fallback.startswith("the graph self-check raised")
+    assert step.tags()[TAG_STEP] == "eager"
+    assert step.tags()[TAG_GRAPH_FALLBACK] == step.fallback
+    assert "cuda_graph" not in step.tags()[TAG_DEVICE] == step.ran.describe()
+
+
+def test_build_step_moves_the_model_and_makes_the_eager_optimizer():
+    model = build_model(ModelSpec(depth=8, width=8), 3, 10)
+    runtime = dataclasses.replace(CPU_FP32, channels_last=True)
+    step = build_step(model, TrainSpec(lr=0.05), load_dataset(DataSpec(name="synthetic")), runtime)
+    assert step.model is model and step.net is model and step.fallback == ""
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    (group,) = step.optimizer.param_groups
+    assert group["foreach"] is True and group["lr"] == 0.05
+
+
+def test_restored_stream_puts_back_the_stream_a_failed_capture_left_current():
+    class Streams:  # stands for torch.cuda's current stream: an explicit object here
+        current = "default"
+
+    def use(stream: str) -> None:
+        Streams.current = stream
+
+    with pytest.raises(RuntimeError), restored_stream(lambda: Streams.current, use):
+        use("capture")  # torch.cuda.graph makes its stream current, then the capture fails
+        raise RuntimeError("operation not permitted when stream is capturing")
+    assert Streams.current == "default"
+
+
+# --------------------------------------------------------------------------------------------
+# Timing: images/s leave out the step's warm-up.
+
+
+class FakeClock:
+    def __init__(self, *times: float) -> None:
+        self.times, self.synced = list(times), 0
+
+    def __call__(self) -> float:
+        return self.times.pop(0)
+
+    def sync(self) -> None:
+        self.synced += 1
+
+
+def test_images_per_second_leave_out_the_warmup_steps():
+    clock = FakeClock(0.0, 5.0, 9.0)  # start; step 4 begins at 5 s; the epoch ends at 9 s
+    timer = SteadyClock(steps=10, batch=4, warmup=4, sync=clock.sync, clock=clock)
+    for i in range(10):
+        timer.before_step(i)
+    assert timer.images_per_second() == 6 * 4 / 4.0  # steps 4..9 in 4 s
+    assert clock.synced == 1  # the device finished the warm-up before the clock restarted
+
+
+@pytest.mark.parametrize("warmup", [0, 12])
+def test_without_a_warmup_or_with_a_short_epoch_the_whole_epoch_is_timed(warmup):
+    clock = FakeClock(0.0, 8.0)
+    timer = SteadyClock(steps=10, batch=4, warmup=warmup, sync=clock.sync, clock=clock)
+    for i in range(10):
+        timer.before_step(i)
+    assert timer.images_per_second() == 40 / 8.0 and clock.synced == 0

@@ -6,8 +6,11 @@ same device, all in this one process:
 - **standard loop**: a torchvision ``DataLoader`` over PIL images with ``RandomCrop(padding)`` +
   ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (the pipeline of ``bench/loader.py``),
   ``.to(device)``, fp32, NCHW, eager, ``torch.optim.SGD``: ``zero_grad``, ``backward``, ``step``.
-- **this trainer**: ``train.Step`` (``train.GraphStep`` with a CUDA graph) built with
-  ``train.make_optimizer``, as ``train_cell`` builds it, with each speed feature switchable:
+- **this trainer**: the step ``train.build_step`` builds, the one ``train_cell`` trains with
+  (``train.GraphStep`` with a CUDA graph, after the process's graph self-check), in a process set
+  up by ``train.setup_device`` as ``ablate run`` sets up its workers (cuDNN benchmark mode on a
+  GPU: process-wide, so the standard loop has it too, which can only flatter it), with each speed
+  feature switchable:
 
   =============  ===========================================================================
   resident       batches from ``DeviceLoader`` (data on the device, batched pad-crop + flip)
@@ -23,7 +26,9 @@ more feature buys; ``each=True`` also times each feature alone. Timing: warm-up 
 they take beyond steady-state steps is the compile/capture time, reported apart), then ``repeats``
 timed runs of ``steps`` steps, the rows' repeats interleaved so that a noisy neighbour slows every
 row alike; device-synchronised (CUDA events on a GPU, ``perf_counter`` on a CPU); the median
-images/s and the spread (min to max) of the repeats. Speed is measured here, never assumed.
+images/s and the spread (min to max) of the repeats. Speed is measured here, never assumed. The
+JSON records the device set-up, and a row whose CUDA graph fell back to eager says so (``step``,
+``note``).
 
 :func:`workers_sweep` instead packs N trainers (all features on) onto the device at once, either
 as ``ablate run --workers N`` does (``pack="processes"``: one process each, GPUs and CPU threads
@@ -57,14 +62,16 @@ from ..data import Dataset, DeviceLoader, load_dataset, make_synthetic
 from ..errors import UserError
 from ..models import build_model, describe
 from ..train import (
+    TAG_STEP,
     ExecOptions,
-    GraphStep,
     Runtime,
     Step,
+    build_step,
     device_name,
-    make_optimizer,
+    graph_status,
     resolve_device,
     resolve_runtime,
+    setup_device,
 )
 from .loader import standard_loader
 
@@ -221,7 +228,7 @@ class _Row:
     spec: RowSpec
     run: Callable[[], None]
     settle: int  # untimed steps before each repeat: drains what a DataLoader prefetched
-    graph: GraphStep | None = None
+    step: Step | None = None  # the trainer's step (None for the standard loop)
     rates: list[float] = field(default_factory=list)
     warmup_seconds: float = 0.0
     warmup_steps: int = 0
@@ -287,15 +294,10 @@ def _standard_row(
 def _trainer_row(
     row: RowSpec, spec: ModelSpec, dataset: Dataset, batch: int, device: torch.device, workers: int
 ) -> _Row:
-    """`train_cell`'s step with the row's features, fed as the features say."""
+    """`train_cell`'s step (`build_step`) with the row's features, fed as the features say."""
     runtime = _runtime(device, row.features)
     hyper = TrainSpec(batch_size=batch)
-    model = _model(spec, dataset, device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, hyper, runtime)
-    compiled = torch.compile(model) if runtime.compile else model
-    step = (GraphStep if runtime.cuda_graph else Step)(compiled, optimizer, runtime)
+    step = build_step(_model(spec, dataset, device), hyper, dataset, runtime)
     if "resident" in row.features:
         loader = DeviceLoader(
             dataset.train,
@@ -320,7 +322,7 @@ def _trainer_row(
         step.set_lr(hyper.lr)  # as train_cell does every step (a device-side fill in a graph)
         step(x, y)
 
-    return _Row(row, run, settle, graph=step if isinstance(step, GraphStep) else None)
+    return _Row(row, run, settle, step=step)
 
 
 def _build(
@@ -359,8 +361,8 @@ def _timed(run: Callable[[], None], steps: int, device: torch.device) -> float:
 
 def _warm(row: _Row, steps: int, device: torch.device) -> None:
     """Run the warm-up steps (compilation and graph capture happen here) and time them."""
-    if row.graph is not None:
-        steps = max(steps, GraphStep.WARMUP_STEPS + 2)  # eager warm-ups, capture, one replay
+    if row.step is not None:  # past the step's own warm-up (eager steps, capture, compiling)
+        steps = max(steps, row.step.warmup_steps + 1)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -379,9 +381,7 @@ def _summary(row: _Row, batch: int, baseline: float | None) -> dict[str, Any]:
         return out | {"images_per_second": None, "skipped": row.spec.skipped}
     median = statistics.median(row.rates)
     setup = max(0.0, row.warmup_seconds - row.warmup_steps * batch / median)
-    note = ""
-    if row.graph is not None and row.graph.failed:
-        note = "CUDA graph capture failed: ran eagerly"
+    note = f"ran eagerly: {row.step.fallback}" if row.step is not None and row.step.fallback else ""
     return out | {
         "images_per_second": median,
         "min": min(row.rates),
@@ -390,6 +390,7 @@ def _summary(row: _Row, batch: int, baseline: float | None) -> dict[str, Any]:
         "repeats": row.rates,
         "ratio": median / baseline if baseline else None,
         "setup_seconds": setup,
+        "step": row.step.tags()[TAG_STEP] if row.step is not None else "standard",
         "note": note,
     }
 
@@ -429,12 +430,16 @@ def bench_step(
 ) -> dict[str, Any]:
     """Time the standard loop and the trainer's step, feature by feature; a JSON-ready dict.
 
-    Returns {"model", "params", "macs", "dataset", "shape", "batch", "device", "rows": [{"name",
-    "features", "images_per_second" (median), "min", "max", "spread_pct", "repeats", "ratio" (vs
-    the standard loop), "setup_seconds" (compile/capture), "note" | "skipped"}], "headline"}.
+    Returns {"model", "params", "macs", "dataset", "shape", "batch", "device", "device_setup"
+    (what `setup_device` set), "graph_fallback" (None: no graph row; "": graphs in use; else why
+    they were turned off), "rows": [{"name", "features", "images_per_second" (median), "min",
+    "max", "spread_pct", "repeats", "ratio" (vs the standard loop), "setup_seconds"
+    (compile/capture), "step" (standard, eager or cuda_graph: what ran), "note" | "skipped"}],
+    "headline"}.
     """
     say = progress or (lambda message: None)
     spec, device, data, chosen = _resolve(model, device, dataset, features)
+    setup = setup_device(ExecOptions(device=str(device)))
     steps, repeats, warmup = _defaults(device, steps, repeats, warmup)
     workers = default_loader_workers(device) if loader_workers is None else loader_workers
     if len(data.train) < batch:
@@ -472,6 +477,8 @@ def bench_step(
         "batch": batch,
         "device": str(device),
         "device_name": device_name(device),
+        "device_setup": setup.record(),
+        "graph_fallback": graph_status(device),
         "torch": torch.__version__,
         "git_commit": _commit(),
         "loader_workers": workers,
@@ -540,14 +547,27 @@ class _Job:
     workers: int
 
 
+@dataclass(frozen=True)
+class Packed:
+    """What one packed trainer did: images over [start, end] on the monotonic clock (comparable
+    between processes), or the error that stopped it; its process's device set-up."""
+
+    worker: int
+    start: float
+    end: float
+    images: int
+    error: str = ""
+    setup: dict[str, Any] = field(default_factory=dict)
+
+
 def _sweep_worker(job: _Job, index: int, ready: Any, results: Any) -> None:
-    """One packed trainer: warm up, wait for the others, step for `job.seconds`, report."""
+    """One packed trainer, set up as `ablate run` sets up its worker `index` (the runner's
+    options for it, then `setup_device`): warm up, wait for the others, step, report."""
     try:
         from ..runner import _worker_exec
 
         options = _worker_exec(ExecOptions(device=job.device), index, job.workers)
-        if options.threads:
-            torch.set_num_threads(options.threads)
+        setup = setup_device(options)
         device = resolve_device(options.device)
         row = _trainer_row(
             RowSpec("packed", job.features), job.spec, job.dataset, job.batch, device, 0
@@ -555,9 +575,9 @@ def _sweep_worker(job: _Job, index: int, ready: Any, results: Any) -> None:
         _warm(row, job.warmup, device)
         ready.wait(timeout=900)
         images, t0, t1 = _run_for(row, job.seconds, job.batch, device)
-        results.put((index, t0, t1, images, ""))
+        results.put(Packed(index, t0, t1, images, setup=setup.record()))
     except BaseException as err:  # reported by the parent, which must not wait forever
-        results.put((index, 0.0, 0.0, 0, f"{type(err).__name__}: {err}"))
+        results.put(Packed(index, 0.0, 0.0, 0, f"{type(err).__name__}: {err}"))
 
 
 def _run_for(
@@ -581,9 +601,6 @@ def _run_for(
     return images, t0, time.monotonic()
 
 
-Packed = tuple[int, float, float, int, str]  # (worker, start, end, images, error)
-
-
 def _packed_processes(job: _Job, n: int) -> list[Packed]:
     """N processes, one trainer each, started together behind a barrier."""
     ctx = mp.get_context("spawn")
@@ -596,7 +613,7 @@ def _packed_processes(job: _Job, n: int) -> list[Packed]:
     try:
         for _ in range(n):
             out.append(results.get(timeout=900))
-            if out[-1][4]:
+            if out[-1].error:
                 ready.abort()  # a failed worker must not leave the others at the barrier
     finally:
         for process in processes:
@@ -633,7 +650,7 @@ def _packed_streams(job: _Job, n: int) -> list[Packed]:
 
     together = _Row(RowSpec("streams"), round_robin, 0)
     images, t0, t1 = _run_for(together, job.seconds, job.batch * n, device, lambda: None)
-    return [(0, t0, t1, images, "")]
+    return [Packed(0, t0, t1, images)]
 
 
 def workers_sweep(
@@ -654,9 +671,10 @@ def workers_sweep(
     loop (one process, timed as in :func:`bench_step`).
 
     Returns {"model", "dataset", "batch", "device", "pack", "features", "seconds",
-    "standard_images_per_second", "points": [{"workers", "images_per_second" (aggregate: all
-    images over the span from the first start to the last end), "per_worker", "scaling" (vs the
-    first count), "ratio" (vs the standard loop), "error"}]}.
+    "standard_images_per_second", "device_setup", "graph_fallback", "points": [{"workers",
+    "images_per_second" (aggregate: all images over the span from the first start to the last
+    end), "per_worker", "scaling" (vs the first count), "ratio" (vs the standard loop), "error",
+    "setups" (each worker process's device set-up; empty for streams: the parent's)}]}.
     """
     if pack not in ("processes", "streams"):
         raise UserError(f"--pack {pack}: choose processes or streams")
@@ -686,14 +704,23 @@ def workers_sweep(
     for n in counts:
         say(f"{n} trainer(s) at once ({pack})")
         results = (_packed_processes if pack == "processes" else _packed_streams)(job, n)
-        error = "; ".join(f"worker {i}: {e}" for i, _, _, _, e in results if e)
+        error = "; ".join(f"worker {r.worker}: {r.error}" for r in results if r.error)
+        setups = [r.setup for r in sorted(results, key=lambda r: r.worker) if r.setup]
         if error:
-            points.append({"workers": n, "images_per_second": None, "error": error})
+            points.append(
+                {"workers": n, "images_per_second": None, "error": error, "setups": setups}
+            )
             continue
-        span = max(r[2] for r in results) - min(r[1] for r in results)
-        rate = sum(r[3] for r in results) / span
+        span = max(r.end for r in results) - min(r.start for r in results)
+        rate = sum(r.images for r in results) / span
         points.append(
-            {"workers": n, "images_per_second": rate, "per_worker": rate / n, "error": ""}
+            {
+                "workers": n,
+                "images_per_second": rate,
+                "per_worker": rate / n,
+                "error": "",
+                "setups": setups,
+            }
         )
     first = next((p["images_per_second"] for p in points if p["images_per_second"]), None)
     for point in points:
@@ -706,6 +733,8 @@ def workers_sweep(
         "batch": batch,
         "device": str(device),
         "device_name": device_name(device),
+        "device_setup": standard["device_setup"],
+        "graph_fallback": graph_status(device),
         "torch": torch.__version__,
         "pack": pack,
         "features": list(runnable),
