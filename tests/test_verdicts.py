@@ -293,7 +293,8 @@ def test_deeper_plain_net_shown_not_worse_is_not_reproduced():
     v = verdicts(table({("none", 20): PLAIN_20, ("none", 56): [6.0, 6.1, 6.2]}))
     plain = of(v, "none")
     assert plain.outcome == NOT_REPRODUCED
-    assert "not worse by 1.0 point or more" in plain.text and "lies below zero" not in plain.text
+    assert "not worse by 1.0 point or more" in plain.text
+    assert "; the whole interval is below zero." in plain.text and plain.interval[1] < 0
     assert v.headline.startswith("Degradation not reproduced: plain-56 trains to 6.1% error")
 
 
@@ -538,3 +539,17 @@ def test_grid_file_declares_margin_and_alpha(write_grid):
         load_grid(write_grid(text + "verdicts: {alpha: 0.7}\n"))
     with pytest.raises(GridError, match=r"verdicts\.margins: unknown key"):
         load_grid(write_grid(text + "verdicts: {margins: 0.5}\n"))
+
+
+def test_residual_no_better_than_plain_is_said_with_its_interval():
+    cells = table({("none", 20): PLAIN_20, ("identity", 20): [6.5, 6.6, 6.7]})
+    (v,) = verdicts(cells).residual_vs_plain
+    assert v.outcome == "no better"
+    assert v.text.startswith("At depth 20: res-20 trains to 6.6 ± 0.1% vs 6.6 ± 0.2% for plain-20")
+    assert "not better by 1.0 point or more (Holm-adjusted p" in v.text
+
+
+def test_orders_within_the_margin_of_each_other_have_no_best():
+    (v,) = verdicts(orders([6.60, 6.65, 6.70], [6.62, 6.67, 6.72]), context=None).best
+    assert (v.best, v.outcome) == ("", "within margin")
+    assert "no value is worse than another by 1.0 point or more" in v.text

@@ -591,6 +591,8 @@ class _Wording:
                 f"({self.p(d.p_not_greater, item.primary)} against '{worse} by {self.margin}', "
                 f"{evidence})"
             )
+            if (hi < 0) if not residual else (lo > 0):
+                sentence += f"; the whole interval is {'above' if residual else 'below'} zero"
             outcome, tail, why = self._not_greater(item)
         else:
             seq = "sequential " if self.schedule is not None else ""
