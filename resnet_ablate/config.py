@@ -194,6 +194,14 @@ class TuneSpec(Spec):
     pruner: Literal["median", "none"] = "median"
 
 
+class VerdictSpec(Spec):
+    """How the report decides: the significance level, and the margin of a 'not worse' claim
+    in error points (a difference of mean error below it counts as not worse)."""
+
+    margin: float = Field(default=1.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+
+
 class GridFile(Spec):
     name: str = Field(pattern=r"^[a-z0-9-]+$", max_length=100)
     description: str = ""
@@ -203,6 +211,7 @@ class GridFile(Spec):
     seeds: list[Int] = Field(default_factory=lambda: [0], min_length=1)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     tune: TuneSpec | None = None
+    verdicts: VerdictSpec = VerdictSpec()
 
     @field_validator("seeds")
     @classmethod

@@ -19,6 +19,7 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
+from ..config import _short as short_value
 from ..tracking import (
     TAG_LABEL,
     TAG_REASON,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..config import Cell, Grid
 
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+#: Varying fields the label shows by name; the others are a cell's extras (`lr=0.05`).
+_SHOWN = {"model.shortcut", "model.depth", "model.block", "model.order", "model.arch", "seed"}
 #: Per-epoch metrics the report draws or summarises.
 CURVE_KEYS = ("train_err", "test_err")
 SPEED_KEY = "images_per_second"
@@ -62,6 +65,8 @@ CELL_COLUMNS = [
     "reason",
     "config",
     "context",
+    "net",
+    "extras",
     "family",
     "shortcut",
     "depth",
@@ -167,6 +172,10 @@ def _cell_row(
         "reason": "",
         "config": parts["config"],
         "context": parts["context"],
+        "net": f"{m.family}-{m.depth}",
+        "extras": " ".join(
+            f"{k.split('.')[-1]}={short_value(v)}" for k, v in cell.varying if k not in _SHOWN
+        ),
         "family": m.family,
         "shortcut": m.shortcut,
         "depth": m.depth,

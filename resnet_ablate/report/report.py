@@ -30,15 +30,7 @@ from . import plots
 from .records import Records, label_parts, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
 from .tuning import Tuning, finished_trials, load_tuning
-from .verdicts import (
-    axis_comparisons,
-    config_without,
-    degradation,
-    gradient_summary,
-    headline,
-    p_text,
-    residual_vs_plain,
-)
+from .verdicts import config_name, gradient_summary, judge, p_text
 
 if TYPE_CHECKING:
     from ..config import Grid
@@ -79,17 +71,17 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     records = load_records(grid, store)
-    tuning = load_tuning(grid, store, records)
+    context = headline_context(grid)
+    tuning = load_tuning(grid, store, records, context=context)
     if tuning is not None:  # the other settings' runs belong to the tuning section
         records.others = records.others[~records.others["key"].isin(tuning.sibling_keys)]
     cells = records.cells
-    context = headline_context(grid)
     by_config = summarise(cells)
     papers = _papers(by_config)
     _write_csv(cells[SUMMARY_COLUMNS], out_dir / "summary.csv")
     _write_csv(by_config, out_dir / "summary_by_config.csv")
 
-    verdicts = degradation(cells)
+    verdicts = judge(cells, grid.spec.verdicts, context=context)
     varied = [a.split(".", 1)[1] for a in grid.spec.grid if a in ("model.block", "model.order")]
     varied = [a for a in varied if cells[a].nunique() > 1]
     flows = _grad_flows(store, cells, context)
@@ -101,12 +93,13 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
         "grid": grid,
         "spec": grid.spec,
         "built": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "headline": headline(verdicts, cells, context),
-        "headline_outcome": _headline_outcome(verdicts, context),
+        "headline": verdicts.headline,
+        "headline_outcome": verdicts.headline_outcome,
         "headline_context": context,
-        "verdicts": verdicts,
-        "residual_vs_plain": residual_vs_plain(cells),
-        "axis_verdicts": axis_comparisons(cells, varied),
+        "verdicts": verdicts.degradation,
+        "residual_vs_plain": verdicts.residual_vs_plain,
+        "axis_verdicts": verdicts.best,
+        "method": verdicts.method,
         "gradients": gradient_summary(flows),
         "figures": figures,
         "tuning": tuning,
@@ -273,7 +266,7 @@ def _figures(
         )
     if varied and len(finished):
         bars = finished.assign(
-            where=config_without(finished, varied),
+            where=config_name(finished, without=varied),
             value=finished[varied].astype(str).agg(" ".join, axis=1),
         )
         label = " and ".join("unit order" if a == "order" else a for a in varied)
@@ -341,13 +334,6 @@ def _write_figures(figures: list[Figure], folder: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Provenance and HTML.
-
-
-def _headline_outcome(verdicts: list, context: str) -> str:
-    for v in verdicts:
-        if v.shortcut == "none" and v.context == context:
-            return v.outcome
-    return "untested"
 
 
 def _provenance(grid: Grid, store: Store, records: Records) -> dict[str, Any]:

@@ -26,28 +26,13 @@ from ..tracking import (
     ui_url,
 )
 from .records import Records, load_records
-from .verdicts import (
-    PLAIN,
-    axis_comparisons,
-    compare,
-    degradation,
-    seeds,
-    side,
-)
+from .verdicts import judge
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-    from ..config import Grid
+    from ..config import Grid, VerdictSpec
     from ..tracking import Store
-
-#: How a residual-vs-plain comparison reads, by the effect of residual minus plain.
-_EFFECT = {
-    "lower": "residual better",
-    "higher": "residual worse",
-    "within spread": "within the spread",
-    "unknown": "cannot tell",
-}
 
 
 @dataclass
@@ -67,8 +52,11 @@ class Tuning:
     sibling_keys: set[str] = field(default_factory=set)  # the other variant's cell keys
 
 
-def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
-    """The tuning section for a grid with a tune section (None without one)."""
+def load_tuning(
+    grid: Grid, store: Store, records: Records, *, context: str | None = None
+) -> Tuning | None:
+    """The tuning section for a grid with a tune section (None without one); `context` is the
+    headline's, whose plain nets are the verdicts' primary comparison."""
     if grid.spec.tune is None:
         return None
     spec = grid.spec.tune
@@ -101,7 +89,8 @@ def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
         complete=len(best) == len(found),
     )
     if result.complete:
-        _compare(result, grid, default, tune.tuned_grid(default, best), store, records)
+        tuned = tune.tuned_grid(default, best)
+        _compare(result, grid, default, tuned, store, records, context)
     elif any(r["finished"] for r in rows):
         result.comparison_note = (
             "Tuning is not finished for every configuration, so there are no tuned cells yet; "
@@ -201,7 +190,13 @@ def _row(
 
 
 def _compare(
-    result: Tuning, grid: Grid, default: Grid, tuned: Grid, store: Store, records: Records
+    result: Tuning,
+    grid: Grid,
+    default: Grid,
+    tuned: Grid,
+    store: Store,
+    records: Records,
+    context: str | None,
 ) -> None:
     """Compute the verdicts with default and with tuned settings, and say which differ."""
     main_is_default = [c.key for c in grid.cells] == [c.key for c in default.cells]
@@ -226,7 +221,9 @@ def _compare(
             f"be compared; run {' and '.join(commands[m] for m in missing)}."
         )
         return
-    before, after = verdict_map(default_records.cells), verdict_map(tuned_records.cells)
+    where = _context(context) if context is not None else None
+    before = verdict_map(default_records.cells, grid.spec.verdicts, where)
+    after = verdict_map(tuned_records.cells, grid.spec.verdicts, where)
     rows = []
     for key in list(before) + [k for k in after if k not in before]:
         a, b = before.get(key), after.get(key)
@@ -260,41 +257,25 @@ def _context(text: str) -> str:
     return " ".join(t for t in str(text).split(" ") if t != tune.TUNED_TOKEN)
 
 
-def verdict_map(cells: pd.DataFrame) -> dict[tuple[str, str], dict[str, str]]:
+def verdict_map(
+    cells: pd.DataFrame, spec: VerdictSpec, context: str | None
+) -> dict[tuple[str, str], dict[str, str]]:
     """Every verdict the report draws from a cell table, keyed so that default and tuned cells
     match: (kind, subject) -> outcome and the numbers behind it."""
     cells = cells.assign(
-        context=cells["context"].map(_context), config=cells["config"].map(_context)
+        context=cells["context"].map(_context),
+        config=cells["config"].map(_context),
+        extras=cells["extras"].map(_context),
     )
+    verdicts = judge(cells, spec, context=context)
     found: dict[tuple[str, str], dict[str, str]] = {}
-    for v in degradation(cells):
-        subject = f"{v.deep.name} vs {v.shallow.name} ({v.context})"
-        numbers = f"{v.deep.short()} vs {v.shallow.short()}"
-        found[("degradation", subject)] = {"outcome": v.outcome, "numbers": numbers}
-    for context, group in cells.groupby("context", sort=False):
-        plain = group[group["shortcut"] == PLAIN]
-        for _, res in group[group["shortcut"] != PLAIN].groupby("shortcut", sort=False):
-            common = sorted(set(plain["depth"]) & set(res["depth"]))
-            if not common:
-                continue
-            depth, family = common[-1], res["family"].iloc[0]
-            a = side(res[res["depth"] == depth], f"{family}-{depth}", "final_train_err")
-            b = side(plain[plain["depth"] == depth], f"plain-{depth}", "final_train_err")
-            c = compare(a, b)
-            numbers = f"{a.short()} vs {b.short()} ({seeds(a.n, b.n)})"
-            subject = f"{a.name} vs {b.name} ({context})"
-            found[("residual vs plain", subject)] = {
-                "outcome": _EFFECT[c.effect],
-                "numbers": numbers,
-            }
-    varied = [a for a in ("block", "order") if cells[a].nunique() > 1]
-    if varied:
-        for v in axis_comparisons(cells, varied):
-            if not v.best:
-                continue
-            beyond = v.comparison is not None and v.comparison.effect == "higher"
-            outcome = f"{v.best} best" + ("" if beyond else " (within spread or unknown)")
-            found[(f"best {v.axis}", v.context)] = {"outcome": outcome, "numbers": v.text}
+    for v in (*verdicts.degradation, *verdicts.residual_vs_plain):
+        subject = f"{v.a.name} vs {v.b.name} ({v.context})"
+        numbers = f"{v.a.short()} vs {v.b.short()}"
+        found[(v.kind, subject)] = {"outcome": v.outcome, "numbers": numbers}
+    for b in verdicts.best:
+        outcome = f"{b.best} best" if b.best else b.outcome
+        found[(f"best {b.axis}", b.context)] = {"outcome": outcome, "numbers": b.text}
     return found
 
 

@@ -1,52 +1,94 @@
 """The report's conclusions, computed from the per-cell table: never written by hand.
 
-Statistics are over seeds: mean, sample sd, n, and Welch's t-test (two-sided) when both sides
-have at least two seeds. A difference counts only when it is significant (p < 0.05) *and* larger
-than the seed-to-seed spread (the sum of the two sds, i.e. the mean ± sd intervals do not touch).
+**Runs.** Every seed of a configuration with an outcome counts: a run that trained, a run stuck
+at chance (finished with a training error within :data:`STUCK_POINTS` of chance,
+(1 − 1/classes) × 100), and a diverged run (a non-finite loss), which counts at chance error.
+Failing to train is thus the worst error a configuration can have: for a plain net it *is* the
+degradation, and in a block/order ranking it counts against its configuration. Runs without an
+outcome (new, running, failed, killed) are listed, not counted.
 
-Degradation (He et al. 2015) is judged per shortcut kind and per *context* (everything that is
-neither the shortcut, the depth nor the seed, e.g. `bottleneck pre`): the deepest against the
-shallowest net of the family, on final training error.
+**Comparisons** (:mod:`resnet_ablate.stats`): `a` against `b` on an error rate, by two one-sided
+Welch t-tests with disjoint null hypotheses: "worse" (the difference a − b is above 0) and "not
+worse" (it is below the grid's margin, a non-inferiority test). Neither shown: undecided.
 
-- plain (claim: deeper trains worse): deeper significantly worse -> reproduced; deeper better, or
-  not worse at all -> not reproduced; worse but within the spread -> inconclusive.
-- residual (claim: deeper does not train worse): deeper significantly better, or not worse ->
-  reproduced; deeper significantly worse -> not reproduced (a short run may be the cause, and the
-  text says so); worse but within the spread -> inconclusive.
-- either: a side without a finished run, a diverged run on either side, or one seed on a side ->
-  inconclusive, with the reason.
+- Degradation (He et al. 2015), per shortcut kind and context (every column but the shortcut,
+  the depth and the seed): the deepest net against the shallowest, on final training error.
+  Plain nets: "worse" reproduces the paper, "not worse" does not. Residual nets: "not worse"
+  reproduces it (no degradation beyond the margin), "worse" does not.
+- Residual against plain at the deepest depth both have: the plain net "worse" means the
+  residual net trains better; "not worse" that it is no better by the margin or more.
+- The best block / unit order (final test error): multiple comparisons with the best.
+
+**Multiplicity.** The headline comparison (plain nets in the headline context) is the one
+primary test, at α. Every other comparison of the grid belongs to one family whose familywise
+error rate is held at α by Holm's step-down procedure (:func:`resnet_ablate.stats.holm`).
+
+**Seeds until decided.** With ``seeds: {min, max}`` the comparisons are group-sequential (one
+look per round of seeds); :func:`undecided_configs` names the configurations of the comparisons
+that are still open, for the runner to give one more seed.
+
+**Scope.** Every verdict says so when the grid trained fewer epochs than the paper (164) or on
+another dataset than CIFAR-10: deeper nets converge later, so a short run can both show and hide
+a gap.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-ALPHA = 0.05
+from .. import stats
+from ..config import VerdictSpec
+from ..stats import Decision, Schedule, Trail
+
 PAPER_EPOCHS = 164
+PAPER_DATASET = "cifar10"
 PLAIN = "none"
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided"
+#: Classes per dataset, for the chance-level error (1 − 1/classes) × 100.
+CLASSES = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "synthetic": 10}
+#: A run whose final training error is within this many points of chance is stuck.
+STUCK_POINTS = 5.0
+#: The columns that name a configuration (all of a cell but its seed).
+CONFIG_COLUMNS = ("arch", "net", "block", "order", "extras")
 #: Names of the axes a comparison can be about, in the paper's words.
 AXIS_NAMES = {"block": "block", "order": "unit order", "block+order": "block and unit order"}
+_DATASET_NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "fashion-mnist": "Fashion-MNIST",
+    "synthetic": "synthetic data",
+}
+
+
+def chance_error(dataset: str) -> float:
+    """Error (%) of guessing: (1 − 1/classes) × 100."""
+    return (1 - 1 / CLASSES.get(dataset, 10)) * 100
 
 
 # --------------------------------------------------------------------------------------------
-# One side of a comparison, and the comparison.
+# One configuration over its seeds.
 
 
 @dataclass(frozen=True)
 class Side:
-    """One configuration's metric over its seeds (finished runs with a value only)."""
+    """One configuration's error over the seeds that have an outcome, in seed order.
+
+    `values` are what the tests use: the error of trained and stuck runs, chance for diverged.
+    """
 
     name: str
     values: tuple[float, ...]
-    planned: int
-    diverged: tuple[str, ...] = ()
-    missing: str = ""
+    seeds: tuple[int, ...]
+    diverged: tuple[int, ...] = ()
+    stuck: tuple[int, ...] = ()
+    chance: float = 90.0
+    missing: str = ""  # runs without an outcome: "2 new, 1 failed"
 
     @property
     def n(self) -> int:
@@ -64,15 +106,48 @@ class Side:
         """`13.1 ± 0.4%`, `13.1%` (one seed) or `no finished run`."""
         if not self.values:
             return "no finished run"
-        sd = f" ± {self.sd:.{digits}f}" if self.n >= 2 else ""
-        return f"{self.mean:.{digits}f}{sd}%"
+        return _pm(self.mean, self.sd, self.n, digits)
 
-    def text(self, digits: int = 1) -> str:
-        """`13.1 ± 0.4% (3 seeds)`, `13.1% (1 seed)`, or `no finished run`."""
-        if not self.values:
-            return "no finished run"
-        sd = f" ± {self.sd:.{digits}f}" if self.n >= 2 else ""
-        return f"{self.mean:.{digits}f}{sd}% ({seeds(self.n)})"
+    def failures(self) -> str:
+        """`plain-56: s2 diverged (counted at chance, 90.0%), s1 stuck at chance`, or ''."""
+        parts = []
+        if self.diverged:
+            which = ", ".join(f"s{s}" for s in self.diverged)
+            parts.append(f"{which} diverged (counted at chance, {self.chance:.1f}%)")
+        if self.stuck:
+            which = ", ".join(f"s{s}" for s in self.stuck)
+            parts.append(f"{which} stuck at chance (training error within {STUCK_POINTS:g} points)")
+        return f"{self.name}: {'; '.join(parts)}" if parts else ""
+
+
+def side(cells: pd.DataFrame, name: str, metric: str) -> Side:
+    """The Side of one configuration's cells (all its seeds)."""
+    chance = chance_error(str(cells["dataset"].iloc[0])) if len(cells) else 90.0
+    values, seeds, diverged, stuck = [], [], [], []
+    missing: Counter[str] = Counter()
+    for row in cells.sort_values("seed").itertuples(index=False):
+        value, train = float(getattr(row, metric)), float(row.final_train_err)
+        if row.status == "diverged":
+            values.append(chance)
+            diverged.append(int(row.seed))
+        elif row.status == "finished" and math.isfinite(value):
+            values.append(value)
+            if math.isfinite(train) and train >= chance - STUCK_POINTS:
+                stuck.append(int(row.seed))
+        else:
+            status = str(row.status)
+            missing[f"finished without {metric}" if status == "finished" else status] += 1
+            continue
+        seeds.append(int(row.seed))
+    return Side(
+        name=name,
+        values=tuple(values),
+        seeds=tuple(seeds),
+        diverged=tuple(diverged),
+        stuck=tuple(stuck),
+        chance=chance,
+        missing=", ".join(f"{n} {status}" for status, n in missing.items()),
+    )
 
 
 def seeds(n: int, m: int | None = None) -> str:
@@ -90,328 +165,687 @@ def p_text(p: float | None) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
-def side(cells: pd.DataFrame, name: str, metric: str) -> Side:
-    """The Side of the cells given (one configuration, all its seeds)."""
-    finished = cells[(cells["status"] == "finished") & np.isfinite(cells[metric])]
-    diverged = cells[cells["status"] == "diverged"]
-    notes = [
-        f"{n} {status}"
-        for status, n in cells["status"].value_counts().items()
-        if status not in ("finished", "diverged")
-    ]
-    no_value = (cells["status"] == "finished").sum() - len(finished)
-    if no_value:
-        notes.append(f"{no_value} finished without {metric}")
-    return Side(
-        name=name,
-        values=tuple(float(v) for v in finished.sort_values("seed")[metric]),
-        planned=len(cells),
-        diverged=tuple(
-            f"{row.label} diverged" + (f" ({row.reason})" if row.reason else "")
-            for row in diverged.itertuples()
-        ),
-        missing=", ".join(notes),
-    )
+def _pm(mean: float, sd: float, n: int, digits: int = 1) -> str:
+    spread = f" ± {sd:.{digits}f}" if n >= 2 and math.isfinite(sd) else ""
+    return f"{mean:.{digits}f}{spread}%"
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """`a` against `b`: difference of means (a - b), spread, Welch p, and what it amounts to."""
-
-    a: Side
-    b: Side
-    diff: float
-    spread: float
-    p: float | None
-    effect: str  # "higher", "lower", "within spread" or "unknown"
-    problem: str = ""
-
-    def stats(self, digits: int = 1) -> str:
-        """`spread 0.7 points, p=0.002`."""
-        return f"spread {self.spread:.{digits}f} points, {p_text(self.p)}"
-
-
-def compare(a: Side, b: Side) -> Comparison:
-    """Is `a` higher or lower than `b` beyond the seed-to-seed spread, or can't we tell (why)?"""
-    diff = a.mean - b.mean
-    spread = a.sd + b.sd
-    problem = ""
-    for s in (a, b):
-        if s.n == 0:
-            why = f" ({s.missing})" if s.missing else ""
-            if s.diverged:
-                why = f" ({'; '.join(s.diverged)})"
-            problem = problem or f"{s.name} has no finished run{why}"
-    if not problem and (a.diverged or b.diverged):
-        problem = "; ".join(a.diverged + b.diverged) + ", so the seeds that remain may be biased"
-    if not problem and min(a.n, b.n) < 2:
-        who = "each side" if a.n == b.n else (a.name if a.n < 2 else b.name)
-        problem = f"one seed for {who}, so the seed-to-seed spread is unknown"
-    if not problem and a.sd == 0 and b.sd == 0:
-        problem = "every seed gave the same result, so there is no spread to test against"
-    if problem:
-        return Comparison(a, b, diff, spread, None, "unknown", problem)
-    p = welch(a.values, b.values)
-    if p < ALPHA and abs(diff) > spread:
-        effect = "higher" if diff > 0 else "lower"
-    else:
-        effect = "within spread"
-    return Comparison(a, b, diff, spread, p, effect)
-
-
-def welch(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Two-sided Welch t-test p-value."""
-    from scipy import stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+def _points(x: float, digits: int = 1) -> str:
+    return f"{x:.{digits}f} point" + ("" if round(abs(x), digits) == 1 else "s")
 
 
 # --------------------------------------------------------------------------------------------
-# Degradation.
+# Configurations, by columns.
 
 
 @dataclass(frozen=True)
-class DepthVerdict:
-    """Deepest against shallowest net of one shortcut kind in one context."""
+class Configuration:
+    """One configuration of the grid (every column of a cell but its seed)."""
 
+    arch: str
+    net: str
+    block: str
+    order: str
+    extras: str
+
+    @classmethod
+    def of(cls, row: pd.Series) -> Configuration:
+        return cls(*(str(row[c]) for c in CONFIG_COLUMNS))
+
+
+def config_name(cells: pd.DataFrame, without: Sequence[str] = ()) -> pd.Series:
+    """Each cell's configuration name, with the given columns (`block`, `order`) left out."""
+    columns = [c for c in CONFIG_COLUMNS if c not in without]
+
+    def name(row: pd.Series) -> str:
+        parts = [str(row[c]) for c in columns if not (c == "arch" and row[c] == "cifar")]
+        return " ".join(p for p in parts if p)
+
+    return cells.apply(name, axis=1) if len(cells) else pd.Series([], dtype=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts.
+
+
+@dataclass(frozen=True)
+class PairVerdict:
+    """`a` against `b`: degradation (a = deepest, b = shallowest net of a kind) or residual
+    against plain (a = the plain net, b = the residual net, at one depth)."""
+
+    kind: str  # "degradation" or "residual vs plain"
+    shortcut: str  # the shortcut kind judged (for residual vs plain: the residual's)
     family: str
-    shortcut: str
     context: str
-    comparison: Comparison
+    a: Side
+    b: Side
+    primary: bool
+    decision: Decision
     outcome: str
     text: str
+    configurations: tuple[Configuration, ...] = ()
+
+    @property
+    def diff(self) -> float:
+        """Difference of means a − b at the deciding (or latest) look; NaN without a test."""
+        look = self.decision.look
+        return look.welch.diff if look is not None else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.decision.interval
+
+    @property
+    def p(self) -> float:
+        """The p-value of the test that decided ('greater' when undecided)."""
+        d = self.decision
+        return d.p_not_greater if d.outcome == "not_greater" else d.p_greater
 
     @property
     def deep(self) -> Side:
-        return self.comparison.a
+        return self.a
 
     @property
     def shallow(self) -> Side:
-        return self.comparison.b
-
-
-def degradation(cells: pd.DataFrame) -> list[DepthVerdict]:
-    """One verdict per (shortcut kind, context) that has at least two depths."""
-    verdicts = []
-    for (shortcut, context), group in cells.groupby(["shortcut", "context"], sort=False):
-        depths = sorted(group["depth"].unique())
-        if len(depths) < 2:
-            continue
-        family = group["family"].iloc[0]
-        deep = side(
-            group[group["depth"] == depths[-1]], f"{family}-{depths[-1]}", "final_train_err"
-        )
-        shallow = side(
-            group[group["depth"] == depths[0]], f"{family}-{depths[0]}", "final_train_err"
-        )
-        comparison = compare(deep, shallow)
-        epochs = int(group["epochs"].max())
-        outcome, text = _judge(comparison, shortcut == PLAIN, epochs)
-        verdicts.append(DepthVerdict(family, shortcut, context, comparison, outcome, text))
-    return verdicts
-
-
-def _judge(c: Comparison, plain: bool, epochs: int) -> tuple[str, str]:
-    deep, shallow = c.a, c.b
-    numbers = f"{deep.short()} vs {shallow.short()} for {shallow.name} ({seeds(deep.n, shallow.n)})"
-    outcome, text = _judge_effect(c, plain, epochs, numbers)
-    uncounted = [f"{s.name}: {s.missing}" for s in (deep, shallow) if s.n and s.missing]
-    if uncounted:
-        text += f" Not counted ({'; '.join(uncounted)})."
-    return outcome, text
-
-
-def _judge_effect(c: Comparison, plain: bool, epochs: int, numbers: str) -> tuple[str, str]:
-    deep = c.a
-    gap = f"{abs(c.diff):.1f} points"
-    beyond = f"beyond the seed-to-seed spread ({c.stats()})"
-    if c.effect == "unknown":
-        measured = f"; as measured, {deep.name} {numbers}" if c.a.n and c.b.n else ""
-        return INCONCLUSIVE, f"Cannot tell: {c.problem}{measured}."
-    if c.effect == "higher":
-        text = f"{deep.name} trains to {numbers}: {gap} higher, {beyond}."
-        if plain:
-            return REPRODUCED, text + " The deeper plain net is harder to optimise."
-        later = (
-            f" (the paper trained {PAPER_EPOCHS} epochs; this grid {epochs})"
-            if epochs < PAPER_EPOCHS
-            else ""
-        )
-        return NOT_REPRODUCED, (
-            text + " The deeper residual net has not caught up: deeper nets converge later, "
-            f"so a short run can leave them behind{later}; compare the training curves."
-        )
-    if c.effect == "lower":
-        text = f"{deep.name} trains to {numbers}: {gap} lower, {beyond}."
-        if plain:
-            return NOT_REPRODUCED, text + " The deeper plain net trains better here."
-        return REPRODUCED, text + " Depth helps the residual net; no degradation."
-    # Within the spread.
-    direction = "above" if c.diff > 0 else "below"
-    text = (
-        f"{deep.name} trains to {numbers}: {gap} {direction}, within the seed-to-seed spread "
-        f"({c.stats()})."
-    )
-    if c.diff > 0:
-        tail = " No clear degradation, and no gain from depth either."
-        return INCONCLUSIVE, text + ("" if plain else tail)
-    if plain:
-        return NOT_REPRODUCED, text + " The deeper plain net is not worse."
-    return REPRODUCED, text + " The deeper residual net is not worse: no degradation."
-
-
-def headline(verdicts: list[DepthVerdict], cells: pd.DataFrame, context: str) -> str:
-    """The report's first sentence, about the plain nets of the headline context."""
-    plain = [v for v in verdicts if v.shortcut == PLAIN and v.context == context]
-    mine = cells[cells["context"] == context]
-    if not plain:
-        if not (mine["shortcut"] == PLAIN).any():
-            first = "No plain nets in this grid, so degradation is not tested"
-        else:
-            depth = ", ".join(
-                map(str, sorted(mine.loc[mine["shortcut"] == PLAIN, "depth"].unique()))
-            )
-            first = f"Only one depth of plain net ({depth}): degradation needs two"
-        residual = [v for v in verdicts if v.shortcut != PLAIN and v.context == context]
-        extra = " ".join(
-            f"{v.family}: {v.outcome}, {v.deep.name} {v.deep.short()} vs {v.shallow.name} "
-            f"{v.shallow.short()} ({seeds(v.deep.n, v.shallow.n)})."
-            for v in residual
-        )
-        return f"{first}." + (f" {extra}" if extra else "")
-    v = plain[0]
-    c = v.comparison
-    deep, shallow = c.a, c.b
-    if deep.n and shallow.n:
-        numbers = (
-            f"{deep.name} trains to {deep.mean:.1f}% error vs {shallow.mean:.1f}% for "
-            f"{shallow.name} ({seeds(deep.n, shallow.n)}, {p_text(c.p)})"
-        )
-        first = f"Degradation {v.outcome}: {numbers}"
-        if c.effect == "unknown":
-            first += f", but {c.problem}"
-    else:
-        first = f"Degradation {v.outcome}: {c.problem}"
-    depth = int(deep.name.rsplit("-", 1)[1])
-    others = []
-    for _shortcut, group in mine[mine["shortcut"] != PLAIN].groupby("shortcut", sort=False):
-        at = group[group["depth"] == depth]
-        if len(at):
-            s = side(at, f"{group['family'].iloc[0]}-{depth}", "final_train_err")
-            others.append(f"{s.name} {s.mean:.1f}%" if s.n else f"{s.name} has no finished run")
-    return first + (f"; {', '.join(others)}" if others else "") + "."
-
-
-def residual_vs_plain(cells: pd.DataFrame) -> list[str]:
-    """At the deepest depth both have, does each residual kind train better than the plain net?"""
-    out = []
-    for context, group in cells.groupby("context", sort=False):
-        plain = group[group["shortcut"] == PLAIN]
-        if plain.empty:
-            continue
-        for _shortcut, res in group[group["shortcut"] != PLAIN].groupby("shortcut", sort=False):
-            common = sorted(set(plain["depth"]) & set(res["depth"]))
-            if not common:
-                continue
-            d = common[-1]
-            family = res["family"].iloc[0]
-            a = side(res[res["depth"] == d], f"{family}-{d}", "final_train_err")
-            b = side(plain[plain["depth"] == d], f"plain-{d}", "final_train_err")
-            c = compare(a, b)
-            where = f" ({context})" if cells["context"].nunique() > 1 else ""
-            head = (
-                f"At depth {d}{where}, {a.name} trains to {a.short()} vs {b.short()} for "
-                f"{b.name} ({seeds(a.n, b.n)})"
-            )
-            if c.effect == "unknown":
-                out.append(f"{head}; {c.problem}." if a.n and b.n else f"{head}: {c.problem}.")
-            elif c.effect == "within spread":
-                out.append(f"{head}: within the seed-to-seed spread ({c.stats()}).")
-            else:
-                word = "lower" if c.effect == "lower" else "higher"
-                out.append(
-                    f"{head}: {abs(c.diff):.1f} points {word}, beyond the seed-to-seed spread "
-                    f"({c.stats()})."
-                )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Block and unit order.
+        return self.b
 
 
 @dataclass(frozen=True)
-class AxisVerdict:
-    """Which value of an axis gave the lowest test error in one context, and by how much."""
+class BestVerdict:
+    """Which value of an axis gives the lowest test error in one context, if any can be named."""
 
     axis: str
     context: str
-    best: str
-    runner_up: str
-    comparison: Comparison | None
-    ranking: tuple[tuple[str, Side], ...]
+    values: tuple[str, ...]  # in ranking order at the deciding (or latest) look
+    sides: tuple[Side, ...]  # likewise
+    decision: Decision
+    best: str  # the value decided best, or ""
+    outcome: str  # "best", "within margin" or "undecided"
     text: str
+    configurations: tuple[Configuration, ...] = ()
 
 
-def axis_comparisons(cells: pd.DataFrame, varied: list[str]) -> list[AxisVerdict]:
-    """For each varied axis among block and order (and both together), per context."""
-    axes = [a for a in ("block", "order") if a in varied]
+@dataclass(frozen=True)
+class Verdicts:
+    """Every verdict of a grid, the headline, and how they were reached."""
+
+    headline: str
+    headline_outcome: str  # reproduced, not reproduced, undecided or untested
+    degradation: tuple[PairVerdict, ...]
+    residual_vs_plain: tuple[PairVerdict, ...]
+    best: tuple[BestVerdict, ...]
+    method: tuple[str, ...]
+    schedule: Schedule | None
+
+    def undecided(self) -> list[Configuration]:
+        """Configurations of comparisons that are open below the maximum number of seeds."""
+        found: dict[Configuration, None] = {}
+        for v in (*self.degradation, *self.residual_vs_plain, *self.best):
+            d = v.decision
+            if not d.decided and not d.trail.at_max:
+                found.update(dict.fromkeys(v.configurations))
+        return list(found)
+
+
+def judge(
+    cells: pd.DataFrame,
+    spec: VerdictSpec,
+    *,
+    context: str | None,
+    schedule: Schedule | None = None,
+) -> Verdicts:
+    """Every verdict of the per-cell table: the primary (plain nets of `context`) at α, the rest
+    as one Holm family; block/order rankings for the axes that vary."""
+    pairs = _degradation_items(cells, context) + _residual_items(cells)
+    groups = _best_items(cells)
+    margin = spec.margin
+    trails = [stats.trail(i.a.values, i.b.values, margin=margin, schedule=schedule) for i in pairs]
+    best_trails = [
+        stats.best_trail([s.values for s in g.sides], margin=margin, schedule=schedule)
+        for g in groups
+    ]
+    decisions, best_decisions = _decide(pairs, trails, groups, best_trails, spec.alpha)
+    family = sum(not item.primary for item in pairs)
+    wording = _Wording(spec, schedule)
+    made = [wording.pair(item, d) for item, d in zip(pairs, decisions, strict=True)]
+    degradation = tuple(v for v in made if v.kind == "degradation")
+    residual = tuple(v for v in made if v.kind == "residual vs plain")
+    best = tuple(wording.best(g, d) for g, d in zip(groups, best_decisions, strict=True))
+    primary = next((v for v in degradation if v.primary), None)
+    text, outcome = _headline(primary, degradation, cells, context)
+    method = wording.method(primary, family + len(groups), bool(groups))
+    return Verdicts(text, outcome, degradation, residual, best, method, schedule)
+
+
+def undecided_configs(
+    cells: pd.DataFrame, spec: VerdictSpec, schedule: Schedule, *, context: str | None
+) -> list[Configuration]:
+    """The configurations that need one more seed: those of every comparison still undecided
+    below the schedule's maximum (the runner's question after each round)."""
+    return judge(cells, spec, context=context, schedule=schedule).undecided()
+
+
+def _decide(
+    pairs: Sequence[_Pair],
+    trails: Sequence[Trail],
+    groups: Sequence[_Group],
+    best_trails: Sequence[Trail],
+    alpha: float,
+) -> tuple[list[Decision], list[Decision]]:
+    """The primary comparison at α; every other one in one Holm family.
+
+    A pair's two tests are one block (at most one of their nulls is true). A group's two claims
+    are separate hypotheses: "this one is best", its p-value multiplied by the number of values
+    (any could have come out lowest), and "all within the margin".
+    """
+    family = [k for k, item in enumerate(pairs) if not item.primary]
+    blocks = [_seq(trails[k]) for k in family]
+    for g, t in zip(groups, best_trails, strict=True):
+        best, within = _seq(t)
+        blocks += [[min(1.0, len(g.sides) * best)], [within]]
+    levels = iter(stats.holm(blocks, alpha))
+    family_levels = {k: next(levels) for k in family}
+    decisions = []
+    for k, t in enumerate(trails):
+        if k not in family_levels:
+            decisions.append(stats.decide(t, alpha=alpha))
+            continue
+        greater, not_greater = family_levels[k]
+        decisions.append(stats.decide(t, alpha=alpha, greater=greater, not_greater=not_greater))
+    best_decisions = []
+    for g, t in zip(groups, best_trails, strict=True):
+        (greater,), (not_greater,) = next(levels), next(levels)
+        best = greater.per(len(g.sides))
+        best_decisions.append(stats.decide(t, alpha=alpha, greater=best, not_greater=not_greater))
+    return decisions, best_decisions
+
+
+def _seq(t: Trail) -> list[float]:
+    """A trail's sequential p-values (greater, not greater) at its latest look; 1 without one."""
+    if not t.looks:
+        return [1.0, 1.0]
+    return [t.looks[-1].seq_greater, t.looks[-1].seq_not_greater]
+
+
+# --------------------------------------------------------------------------------------------
+# The comparisons a table holds.
+
+
+@dataclass(frozen=True)
+class _Pair:
+    prefix: str  # `At depth 56 (basic pre): ` for residual against plain, else ''
+    kind: str
+    shortcut: str
+    family: str
+    context: str
+    a: Side
+    b: Side
+    primary: bool
+    epochs: int
+    datasets: tuple[str, ...]
+    configs: tuple[Configuration, ...]
+
+
+@dataclass(frozen=True)
+class _Group:
+    axis: str
+    context: str
+    names: tuple[str, ...]
+    sides: tuple[Side, ...]
+    epochs: int
+    datasets: tuple[str, ...]
+    configs: tuple[Configuration, ...]
+
+
+def _configs(cells: pd.DataFrame) -> tuple[Configuration, ...]:
+    return tuple(dict.fromkeys(Configuration.of(row) for _, row in cells.iterrows()))
+
+
+def _degradation_items(cells: pd.DataFrame, context: str | None) -> list[_Pair]:
+    """Deepest against shallowest net, per shortcut kind and context with two depths or more."""
+    items = []
+    for (shortcut, where), group in cells.groupby(["shortcut", "context"], sort=False):
+        depths = sorted(group["depth"].unique())
+        if len(depths) < 2:
+            continue
+        deep, shallow = group[group["depth"] == depths[-1]], group[group["depth"] == depths[0]]
+        items.append(
+            _Pair(
+                prefix="",
+                kind="degradation",
+                shortcut=str(shortcut),
+                family=str(group["family"].iloc[0]),
+                context=str(where),
+                a=side(deep, str(deep["net"].iloc[0]), "final_train_err"),
+                b=side(shallow, str(shallow["net"].iloc[0]), "final_train_err"),
+                primary=shortcut == PLAIN and where == context,
+                epochs=int(group["epochs"].max()),
+                datasets=tuple(sorted(group["dataset"].unique())),
+                configs=_configs(pd.concat([deep, shallow])),
+            )
+        )
+    return items
+
+
+def _residual_items(cells: pd.DataFrame) -> list[_Pair]:
+    """Each residual kind against the plain net at the deepest depth both have, per context."""
+    items = []
+    many = cells["context"].nunique() > 1
+    for where, group in cells.groupby("context", sort=False):
+        plain = group[group["shortcut"] == PLAIN]
+        if plain.empty:
+            continue
+        for shortcut, res in group[group["shortcut"] != PLAIN].groupby("shortcut", sort=False):
+            common = sorted(set(plain["depth"]) & set(res["depth"]))
+            if not common:
+                continue
+            p, r = plain[plain["depth"] == common[-1]], res[res["depth"] == common[-1]]
+            items.append(
+                _Pair(
+                    prefix=f"At depth {common[-1]}" + (f" ({where})" if many else "") + ": ",
+                    kind="residual vs plain",
+                    shortcut=str(shortcut),
+                    family=str(r["family"].iloc[0]),
+                    context=str(where),
+                    a=side(p, str(p["net"].iloc[0]), "final_train_err"),
+                    b=side(r, str(r["net"].iloc[0]), "final_train_err"),
+                    primary=False,
+                    epochs=int(group["epochs"].max()),
+                    datasets=tuple(sorted(group["dataset"].unique())),
+                    configs=_configs(pd.concat([p, r])),
+                )
+            )
+    return items
+
+
+def _best_items(cells: pd.DataFrame) -> list[_Group]:
+    """For each varying axis among block and order (and both together), per context."""
+    axes = [a for a in ("block", "order") if cells[a].nunique() > 1]
     if len(axes) == 2:
         axes.append("block+order")
-    verdicts = []
+    items = []
     for axis in axes:
         columns = axis.split("+")
         frame = cells.assign(
             value=cells[columns].astype(str).agg(" ".join, axis=1),
-            where=config_without(cells, columns),
+            where=config_name(cells, without=columns),
         )
         for where, group in frame.groupby("where", sort=False):
-            verdict = _axis_verdict(axis, where, group)
-            if verdict is not None:
-                verdicts.append(verdict)
-    return verdicts
+            values = list(dict.fromkeys(group["value"]))
+            if len(values) < 2:
+                continue
+            items.append(
+                _Group(
+                    axis=axis,
+                    context=str(where),
+                    names=tuple(values),
+                    sides=tuple(
+                        side(group[group["value"] == v], v, "final_test_err") for v in values
+                    ),
+                    epochs=int(group["epochs"].max()),
+                    datasets=tuple(sorted(group["dataset"].unique())),
+                    configs=_configs(group),
+                )
+            )
+    return items
 
 
-def config_without(cells: pd.DataFrame, columns: list[str]) -> pd.Series:
-    """Each cell's configuration name with the given axes left out (`res-110 basic`)."""
-
-    def name(row: pd.Series) -> str:
-        tokens = row["config"].split(" ")
-        at = tokens.index(f"{row['family']}-{row['depth']}")
-        drop = {at + 1} if "block" in columns else set()
-        drop |= {at + 2} if "order" in columns else set()
-        return " ".join(t for i, t in enumerate(tokens) if i not in drop)
-
-    return cells.apply(name, axis=1)
+# --------------------------------------------------------------------------------------------
+# Wording: each sentence says what its numbers say.
 
 
-def _axis_verdict(axis: str, where: str, group: pd.DataFrame) -> AxisVerdict | None:
-    sides = [
-        (value, side(g, value, "final_test_err")) for value, g in group.groupby("value", sort=False)
-    ]
-    if len(sides) < 2:
-        return None
-    ranked = sorted((s for s in sides if s[1].n), key=lambda s: s[1].mean)
-    ranking = tuple(ranked + [s for s in sides if not s[1].n])
-    name = AXIS_NAMES[axis]
-    if len(ranked) < 2:
-        text = f"{name.capitalize()} at {where}: fewer than two values have finished runs."
-        return AxisVerdict(axis, where, "", "", None, ranking, text)
-    (best, b), (second, s) = ranked[0], ranked[1]
-    c = compare(s, b)
-    head = (
-        f"{name.capitalize()} at {where}: {best} gave the lowest test error, {b.short(2)} vs "
-        f"{s.short(2)} for {second} ({seeds(b.n, s.n)}), {c.diff:.2f} points lower"
+@dataclass(frozen=True)
+class _Wording:
+    spec: VerdictSpec
+    schedule: Schedule | None
+
+    @property
+    def margin(self) -> str:
+        return _points(self.spec.margin)
+
+    def p(self, p: float, primary: bool) -> str:
+        kind = "" if primary else "Holm-adjusted "
+        seq = "sequential " if self.schedule is not None else ""
+        return f"{kind}{seq}{p_text(p)}"
+
+    def seeds_taken(self, d: Decision) -> str:
+        """How many seeds the decision took, with a schedule: ` Decided at 4 seeds each ...`."""
+        if self.schedule is None or d.look is None:
+            return ""
+        na, nb = d.seeds
+        look = f"look {d.look.index} of {self.schedule.looks}"
+        if d.decided:
+            return f" Decided with {seeds(na, nb)} ({look})."
+        if d.trail.at_max:
+            return f" Undecided at the maximum of {seeds(na, nb)}."
+        return f" Open after {seeds(na, nb)} ({look}): the next round adds a seed."
+
+    def scope(self, epochs: int, datasets: tuple[str, ...], tail: str) -> str:
+        """The caveat when the run is shorter than the paper's or on another dataset."""
+        short = epochs < PAPER_EPOCHS
+        other = tuple(datasets) != (PAPER_DATASET,)
+        if not (short or other):
+            return ""
+        names = " and ".join(_DATASET_NAMES.get(d, d) for d in datasets)
+        length = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+        if short and other:
+            scope = f"{length} on {names}, not the paper's {PAPER_EPOCHS} on CIFAR-10"
+        elif short:
+            scope = f"{length}, not the paper's {PAPER_EPOCHS}"
+        else:
+            scope = f"{names}, not the paper's CIFAR-10"
+        return f" Scope: {scope}; deeper nets converge later, so {tail}."
+
+    def pair(self, item: _Pair, d: Decision) -> PairVerdict:
+        outcome, text = self._pair_text(item, d)
+        text = item.prefix + text
+        notes = [s.failures() for s in (item.a, item.b) if s.failures()]
+        if notes:
+            text += f" Failed to train, counted against its net: {'; '.join(notes)}."
+        uncounted = [f"{s.name}: {s.missing}" for s in (item.a, item.b) if s.n and s.missing]
+        if uncounted:
+            text += f" Not counted ({'; '.join(uncounted)})."
+        return PairVerdict(
+            item.kind,
+            item.shortcut,
+            item.family,
+            item.context,
+            item.a,
+            item.b,
+            item.primary,
+            d,
+            outcome,
+            text,
+            item.configs,
+        )
+
+    def _pair_text(self, item: _Pair, d: Decision) -> tuple[str, str]:
+        if d.look is None:
+            return UNDECIDED, self._untested(item, d)
+        w = d.look.welch
+        residual = item.kind == "residual vs plain"
+        # Said of the deeper net (degradation) or of the residual net (against plain).
+        subject, other = (item.b, item.a) if residual else (item.a, item.b)
+        sign = -1.0 if residual else 1.0
+        a_stats, b_stats = (w.mean_a, w.sd_a, w.n_a), (w.mean_b, w.sd_b, w.n_b)
+        mine, theirs = (b_stats, a_stats) if residual else (a_stats, b_stats)
+        diff = sign * w.diff
+        head = (
+            f"{subject.name} trains to {_pm(*mine)} vs {_pm(*theirs)} for {other.name} "
+            f"({seeds(mine[2], theirs[2])}): {_points(abs(diff))} "
+            f"{'higher' if diff > 0 else 'lower'}"
+        )
+        lo, hi = sorted(sign * x for x in d.interval)
+        g = f", Hedges' g {sign * w.hedges_g:.1f}" if math.isfinite(w.hedges_g) else ""
+        evidence = f"{_level(d.confidence)} CI {lo:.1f} to {hi:.1f} points{g}"
+        worse, margin = ("better", f"-{self.margin}") if residual else ("worse", self.margin)
+        adjusted = "" if item.primary else "Holm-adjusted "
+        if d.outcome == "greater":
+            sentence = f"{head}, significant ({self.p(d.p_greater, item.primary)}, {evidence})"
+            if d.within_margin:
+                sentence += f", but by less than the margin of {self.margin}"
+            outcome, tail, why = self._greater(item, d.within_margin)
+        elif d.outcome == "not_greater":
+            sentence = (
+                f"{head}; not {worse} by {self.margin} or more "
+                f"({self.p(d.p_not_greater, item.primary)} against '{worse} by {self.margin}', "
+                f"{evidence})"
+            )
+            if (hi < 0) if not residual else (lo > 0):
+                sentence += f"; the whole interval is {'above' if residual else 'below'} zero"
+            outcome, tail, why = self._not_greater(item)
+        else:
+            seq = "sequential " if self.schedule is not None else ""
+            sentence = (
+                f"{head}, not significant ({adjusted}{seq}{p_text(d.p_greater)} for '{worse}', "
+                f"{p_text(d.p_not_greater)} for 'not {worse} by {self.margin}'): the "
+                f"{evidence.split(',')[0]} holds both 0 and {margin}, so neither is shown"
+            )
+            outcome, tail, why = UNDECIDED, "a full run may decide it either way", ""
+        text = f"{sentence}.{why}{self.seeds_taken(d)}"
+        return outcome, text + self.scope(item.epochs, item.datasets, tail)
+
+    @staticmethod
+    def _greater(item: _Pair, within: bool) -> tuple[str, str, str]:
+        """Outcome, scope tail and conclusion when `a` is significantly worse than `b`."""
+        if item.kind == "residual vs plain":
+            return (
+                "residual better",
+                "the gap may change with a full run",
+                " The residual net trains better than the plain net at this depth.",
+            )
+        if item.shortcut == PLAIN:
+            return (
+                REPRODUCED,
+                "the deeper plain net may only be slower, not worse at convergence",
+                " The deeper plain net is harder to optimise.",
+            )
+        if within:
+            return (
+                REPRODUCED,
+                "the deeper residual net may yet pull ahead",
+                " No degradation beyond the margin.",
+            )
+        return (
+            NOT_REPRODUCED,
+            "the deeper residual net may not have caught up yet; compare the training curves",
+            " The deeper residual net trains worse here.",
+        )
+
+    @staticmethod
+    def _not_greater(item: _Pair) -> tuple[str, str, str]:
+        """Outcome, scope tail and conclusion when `a` is shown not worse than `b`."""
+        if item.kind == "residual vs plain":
+            return (
+                "no better",
+                "a gap may open with a full run",
+                " The residual net is no better than the plain net at this depth.",
+            )
+        if item.shortcut == PLAIN:
+            return (
+                NOT_REPRODUCED,
+                "a gap may open with a full run",
+                " The deeper plain net is not harder to optimise here.",
+            )
+        return (
+            REPRODUCED,
+            "this may change with a full run",
+            " Depth does not hurt the residual net: no degradation.",
+        )
+
+    def _untested(self, item: _Pair, d: Decision) -> str:
+        a, b = (item.b, item.a) if item.kind == "residual vs plain" else (item.a, item.b)
+        measured = ""
+        if a.n and b.n:
+            measured = f"; as measured, {a.name} {a.short()} vs {b.name} {b.short()}"
+        if d.trail.waiting and a.n and b.n:
+            need = self.schedule.min if self.schedule else 2
+            return f"Waiting for {need} seeds each before the first look{measured}."
+        why = {
+            "no_values": _no_run(a, b),
+            "one_seed": _one_seed(a, b),
+            "no_spread": "every seed gave the same error on both sides, so there is no "
+            "seed-to-seed spread to test against",
+        }[d.trail.problem or "no_values"]
+        return f"Cannot test: {why}{measured}."
+
+    def best(self, g: _Group, d: Decision) -> BestVerdict:
+        name = f"{AXIS_NAMES[g.axis].capitalize()} at {g.context}"
+        if d.look is None:
+            why = {
+                "no_values": "a value has no finished run",
+                "one_seed": "one seed for "
+                + ", ".join(s.name for s in g.sides if s.n == 1)
+                + ", and a best is never named from one seed",
+                "no_spread": "every seed gave the same error, so there is no spread to test",
+            }[d.trail.problem or "no_values"]
+            if d.trail.waiting:
+                why = f"waiting for {self.schedule.min if self.schedule else 2} seeds each"
+            text = f"{name}: no best can be named yet: {why}."
+            return BestVerdict(
+                g.axis, g.context, g.names, g.sides, d, "", UNDECIDED, text, g.configs
+            )
+        ranking = d.look.ranking
+        values = tuple(g.names[i] for i in ranking)
+        sides = tuple(g.sides[i] for i in ranking)
+        w0 = d.look.versus[0]
+        lead = f"{values[0]} {_pm(w0.mean_b, w0.sd_b, w0.n_b, 2)}"
+        others = ", ".join(
+            f"{v} {_pm(w.mean_a, w.sd_a, w.n_a, 2)} ({w.diff:+.2f})"
+            for v, w in zip(values[1:], d.look.versus, strict=True)
+        )
+        same = len({w.n_a for w in d.look.versus} | {w0.n_b}) == 1
+        count = f" ({seeds(w0.n_b)} each)" if same else ""
+        if d.outcome == "greater":
+            outcome, best = "best", values[0]
+            text = (
+                f"{name}: {values[0]} gives the lowest test error, {lead}, significantly lower "
+                f"than every other: {others}{count}; multiple comparisons "
+                f"with the best, {self.p(d.p_greater, False)}."
+            )
+        elif d.outcome == "not_greater":
+            outcome, best = "within margin", ""
+            text = (
+                f"{name}: no value is worse than another by {self.margin} or more "
+                f"({self.p(d.p_not_greater, False)}); lowest mean {lead}; then {others}."
+            )
+        else:
+            outcome, best = UNDECIDED, ""
+            text = (
+                f"{name}: no best can be named: the lowest mean, {lead}, is not significantly "
+                f"lower than every other ({self.p(d.p_greater, False)}); {others}"
+                f"{count}."
+            )
+        text += self.seeds_taken(d)
+        notes = [s.failures() for s in g.sides if s.failures()]
+        if notes:
+            text += f" Failed to train, counted against its configuration: {'; '.join(notes)}."
+        text += self.scope(g.epochs, g.datasets, "a longer run may rank them differently")
+        return BestVerdict(g.axis, g.context, values, sides, d, best, outcome, text, g.configs)
+
+    def method(self, primary: PairVerdict | None, secondary: int, groups: bool) -> tuple[str, ...]:
+        """How the verdicts were reached, in sentences for the report."""
+        alpha = f"α = {self.spec.alpha:g}"
+        out = [
+            f"Each comparison is two one-sided Welch t-tests at {alpha}: 'worse' (the difference "
+            f"of mean error is above 0) and 'not worse' (it is below the margin of {self.margin}, "
+            "a non-inferiority test; verdicts.margin in the grid file, 1 point unless set). With "
+            "evidence for neither the "
+            "verdict is undecided, whatever the sign of the difference. Intervals are "
+            "Welch–Satterthwaite confidence intervals at the level that decides; g is Hedges' g.",
+        ]
+        if primary is not None:
+            first = (
+                f"The headline comparison ({primary.a.name} against {primary.b.name}, "
+                f"{primary.context}) is the one primary test, at {alpha}."
+            )
+            if secondary:
+                first += (
+                    f" The other {secondary} comparison{'s' if secondary != 1 else ''} form one "
+                    f"family whose familywise error rate is held at {self.spec.alpha:g} by Holm's "
+                    "step-down procedure (the two one-sided tests of a comparison share one part "
+                    "of α); their p-values are Holm-adjusted."
+                )
+            out.append(first)
+        elif secondary:
+            out.append(
+                f"No primary comparison: all {secondary} comparisons form one family whose "
+                f"familywise error rate is held at {self.spec.alpha:g} by Holm's step-down "
+                "procedure; their p-values are Holm-adjusted."
+            )
+        if groups:
+            out.append(
+                "A best block or unit order is named by multiple comparisons with the best: the "
+                "lowest mean test error must be significantly lower than every other "
+                "(one-sided Welch), at the family's level divided by the number of values "
+                "compared, since any of them could have come out lowest; never from one seed."
+            )
+        out.append(
+            "Diverged runs count at chance error, (1 − 1/classes) × 100%, and runs stuck at "
+            f"chance (final training error within {STUCK_POINTS:g} points of it) at their own "
+            "error: failing to train counts against the configuration."
+        )
+        if self.schedule is None:
+            out.append("Seeds are a fixed list: one look at the full α.")
+        else:
+            out.append(
+                f"Seeds until decided ({self.schedule.min} to {self.schedule.max} per "
+                "configuration): a group-sequential design with one look after each round of "
+                f"seeds; each one-sided test spends its α over the looks ({stats.SPENDING}, at "
+                "information fractions (n − 1)/(max − 1)), applied as nominal p-value levels "
+                "to the Welch tests; a comparison stops at the first look where either test "
+                "rejects. p-values are sequential p-values: the smallest α at which the design "
+                "would have rejected by the deciding look (the latest while undecided)."
+            )
+        return tuple(out)
+
+
+def _level(confidence: float) -> str:
+    """`90%`, `97.5%`."""
+    pct = 100 * confidence
+    return f"{pct:.0f}%" if abs(pct - round(pct)) < 0.05 else f"{pct:.1f}%"
+
+
+def _no_run(a: Side, b: Side) -> str:
+    empty = [s for s in (a, b) if not s.n]
+    parts = []
+    for s in empty:
+        why = f" ({s.missing})" if s.missing else ""
+        parts.append(f"{s.name} has no finished run{why}")
+    return "; ".join(parts)
+
+
+def _one_seed(a: Side, b: Side) -> str:
+    if a.n < 2 and b.n < 2:
+        return "one seed for each side, so the seed-to-seed spread is unknown"
+    who = a.name if a.n < 2 else b.name
+    return f"one seed for {who}, so its seed-to-seed spread is unknown"
+
+
+def _headline(
+    primary: PairVerdict | None,
+    degradation: Sequence[PairVerdict],
+    cells: pd.DataFrame,
+    context: str | None,
+) -> tuple[str, str]:
+    """The report's first sentence, about the plain nets of the headline context."""
+    mine = cells[cells["context"] == context] if context is not None else cells.iloc[:0]
+    if primary is None:
+        plain = mine[mine["shortcut"] == PLAIN]
+        if plain.empty:
+            first = "No plain nets in this grid, so degradation is not tested"
+        else:
+            depths = ", ".join(map(str, sorted(plain["depth"].unique())))
+            first = f"Only one depth of plain net ({depths}): degradation needs two"
+        residual = [v for v in degradation if v.shortcut != PLAIN and v.context == context]
+        extra = " ".join(
+            f"{v.family}: {v.outcome}, {v.a.name} {v.a.short()} vs {v.b.name} {v.b.short()} "
+            f"({seeds(v.a.n, v.b.n)})."
+            for v in residual
+        )
+        return f"{first}." + (f" {extra}" if extra else ""), "untested"
+    d = primary.decision
+    if d.look is None:
+        why = primary.text.removeprefix("Cannot test: ")
+        return f"Degradation {primary.outcome}: {why}", primary.outcome
+    w = d.look.welch
+    lo, hi = d.interval
+    p = d.p_greater if d.outcome != "not_greater" else d.p_not_greater
+    first = (
+        f"Degradation {primary.outcome}: {primary.a.name} trains to {w.mean_a:.1f}% error vs "
+        f"{w.mean_b:.1f}% for {primary.b.name} ({seeds(w.n_a, w.n_b)}; {w.diff:+.1f} points, "
+        f"{_level(d.confidence)} CI {lo:.1f} to {hi:.1f}, {p_text(p)})"
     )
-    if c.effect == "unknown":
-        tail = f"; {c.problem}."
-    elif c.effect == "higher":
-        tail = f"; more than the seed-to-seed spread ({c.stats(2)})."
-    else:
-        tail = f"; within the seed-to-seed spread ({c.stats(2)})."
-    return AxisVerdict(axis, where, best, second, c, ranking, head + tail)
+    others = []
+    depth = int(mine.loc[mine["net"] == primary.a.name, "depth"].iloc[0])
+    for _, group in mine[(mine["shortcut"] != PLAIN) & (mine["depth"] == depth)].groupby(
+        "shortcut", sort=False
+    ):
+        s = side(group, str(group["net"].iloc[0]), "final_train_err")
+        failed = len(s.diverged) + len(s.stuck)
+        note = f" ({failed} of {seeds(s.n)} failed to train, counted)" if failed else ""
+        others.append(f"{s.name} {s.mean:.1f}%{note}" if s.n else f"{s.name} has no finished run")
+    return first + (f"; {', '.join(others)}" if others else "") + ".", primary.outcome
 
 
 # --------------------------------------------------------------------------------------------
