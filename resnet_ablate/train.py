@@ -170,6 +170,7 @@ class CellResult:
     resumed_from: int = 0
     wall_seconds: float = 0.0
     runtime: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # what actually ran, set on the run
 
     @property
     def final(self) -> dict[str, float]:
