@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from . import plots
-from .records import Records, label_parts, load_grad_flow, load_records
+from .records import Records, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
 from .tuning import Tuning, finished_trials, load_tuning
 from .verdicts import (
@@ -148,8 +148,8 @@ def headline_context(grid: Grid) -> str:
     for cell in grid.cells:
         chosen = dict(cell.varying)
         if all(str(chosen[a]) == str(v) for a, v in preferred.items()):
-            return label_parts(cell)["context"]
-    return label_parts(grid.cells[0])["context"]
+            return cell.name.context
+    return grid.cells[0].name.context
 
 
 def summarise(cells: pd.DataFrame) -> pd.DataFrame:
@@ -219,12 +219,13 @@ def _grad_flows(store: Store, cells: pd.DataFrame, context: str) -> pd.DataFrame
             payload = load_grad_flow(store, cell.run_id, cell.artifact_uri)
             if payload is None:
                 continue
-            net = f"{cell.family}-{cell.depth}"
             when = payload.get("when") or {}
             for epoch, norms in payload["epochs"].items():
                 note = str(when.get(epoch, ""))
                 for layer, norm in enumerate(norms):
-                    rows.append((net, cell.family, cell.seed, int(epoch), note, layer, float(norm)))
+                    rows.append(
+                        (cell.net, cell.family, cell.seed, int(epoch), note, layer, float(norm))
+                    )
     columns = ["net", "family", "seed", "epoch", "when", "layer", "norm"]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:

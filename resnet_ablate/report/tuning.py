@@ -2,29 +2,33 @@
 the trial history, and whether the verdicts change between default and tuned settings.
 
 `ablate tune` leaves one tuning run per configuration (``ablate.role=tune``) and one run per
-trial under it (``ablate.role=trial``, ``ablate.suggested``, ``objective``); see ``tune.py``. The
-best trial is chosen here as Optuna chooses it: the lowest objective among complete (and
-diverged) trials, the earliest on a tie. With the best values the report rebuilds the tuned
-cells (``tune.tuned_grid``), finds their runs by key, and computes every verdict twice.
+trial under it (``ablate.role=trial``, ``ablate.suggested``, ``objective``); see ``tune/``. The
+best trial is chosen by the rule ``ablate tune`` itself applies (``studies.best_trial``), here
+from the trial runs. With the best values the report rebuilds the tuned cells
+(``studies.tuned_grid``), finds their runs by key, and computes every verdict twice.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
+from mlflow.entities import Run
 
-from .. import tune
+from ..config import CellName, Grid, TuneSpec
 from ..tracking import (
     TAG_KEY,
     TAG_REASON,
     TAG_STATUS,
+    Store,
     runs_with_role,
     ui_url,
 )
+from ..tune import studies
 from .records import Records, load_records
 from .verdicts import (
     PLAIN,
@@ -34,12 +38,6 @@ from .verdicts import (
     seeds,
     side,
 )
-
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-
-    from ..config import Grid
-    from ..tracking import Store
 
 #: How a residual-vs-plain comparison reads, by the effect of residual minus plain.
 _EFFECT = {
@@ -72,8 +70,8 @@ def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
     if grid.spec.tune is None:
         return None
     spec = grid.spec.tune
-    default = tune.default_grid(grid)
-    found = tune.targets(default)
+    default = studies.default_grid(grid)
+    found = studies.targets(default)
     experiment_id = records.experiment_id
     tuning_runs, trial_runs = _runs(store, experiment_id)
     frames, rows, best = [], [], {}
@@ -89,8 +87,8 @@ def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
     first_seeds = sorted({t.base.config.seed for t in found})
     result = Tuning(
         budget=spec.trials,
-        method=tune.describe_method(spec, epochs),
-        space=tune.describe_space(spec),
+        method=studies.describe_method(spec, epochs),
+        space=studies.describe_space(spec),
         seeds_note=(
             "One study per configuration: all seeds of a configuration share its tuned values, "
             f"and its trials train with seed {', '.join(map(str, first_seeds))}, the grid's "
@@ -101,7 +99,7 @@ def load_tuning(grid: Grid, store: Store, records: Records) -> Tuning | None:
         complete=len(best) == len(found),
     )
     if result.complete:
-        _compare(result, grid, default, tune.tuned_grid(default, best), store, records)
+        _compare(result, grid, default, studies.tuned_grid(default, best), store, records)
     elif any(r["finished"] for r in rows):
         result.comparison_note = (
             "Tuning is not finished for every configuration, so there are no tuned cells yet; "
@@ -130,7 +128,7 @@ def _runs(store: Store, experiment_id: str | None) -> tuple[dict[str, Run], dict
 
 
 def _trial_table(
-    target: tune.Target, runs: list[Run], store: Store, experiment_id: str | None
+    target: studies.Target, runs: list[Run], store: Store, experiment_id: str | None
 ) -> pd.DataFrame:
     """One row per trial run of a study: its number, status, score and suggested values."""
     rows = []
@@ -140,17 +138,17 @@ def _trial_table(
         if status in ("complete", "diverged"):
             score = metrics.get("objective", math.nan)
         elif status == "pruned":
-            score = metrics.get(tune.METRIC, math.nan)  # its last epoch's validation error
+            score = metrics.get(studies.METRIC, math.nan)  # its last epoch's validation error
         else:
             score = math.nan
         try:
-            values = json.loads(tags.get(tune.TAG_SUGGESTED, "{}"))
+            values = json.loads(tags.get(studies.TAG_SUGGESTED, "{}"))
         except json.JSONDecodeError:
             values = {}
         rows.append(
             {
                 "configuration": target.label,
-                "trial": int(tags.get(tune.TAG_TRIAL, -1)),
+                "trial": int(tags.get(studies.TAG_TRIAL, -1)),
                 "score": float(score),
                 "status": status,
                 "values": values,
@@ -164,19 +162,24 @@ def _trial_table(
 
 
 def _row(
-    target: tune.Target,
+    target: studies.Target,
     trials: pd.DataFrame,
     tuning_run: Run | None,
-    spec: Any,
+    spec: TuneSpec,
     store: Store,
     experiment_id: str | None,
 ) -> dict[str, Any]:
     """A configuration's line: trials by status, its best trial and values, the defaults."""
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    finished = sum(int(counts.get(s, 0)) for s in tune.FINISHED)
-    counted = trials[trials["status"].isin(tune.FINISHED)].head(spec.trials)  # as tune.py
-    scored = counted[counted["status"].isin(["complete", "diverged"]) & counted["score"].notna()]
-    best = scored.sort_values(["score", "trial"]).iloc[0] if len(scored) else None
+    finished = sum(int(counts.get(s, 0)) for s in studies.FINISHED)
+    best = studies.best_trial(
+        (
+            studies.TrialScore(int(t.trial), str(t.status), float(t.score), t.values)
+            for t in trials.itertuples()
+        ),
+        spec.trials,
+    )
+    url = trials.loc[trials["trial"] == best.number, "url"].iloc[0] if best else ""
     train = target.base.config.train
     defaults = {name: getattr(train, name.split(".", 1)[1]) for name in spec.params}
     return {
@@ -184,14 +187,16 @@ def _row(
         "key": target.key,
         "finished": finished,
         "counts": ", ".join(
-            f"{int(counts[s])} {s}" for s in (*tune.FINISHED, "failed", "killed") if counts.get(s)
+            f"{int(counts[s])} {s}"
+            for s in (*studies.FINISHED, "failed", "killed")
+            if counts.get(s)
         ),
-        "best_trial": int(best["trial"]) if best is not None else None,
-        "best_score": float(best["score"]) if best is not None else math.nan,
-        "best_values": dict(best["values"]) if best is not None else None,
-        "best_text": tune.values_text(best["values"]) if best is not None else "",
-        "best_url": best["url"] if best is not None else "",
-        "defaults": tune.values_text(defaults),
+        "best_trial": best.number if best else None,
+        "best_score": best.score if best else math.nan,
+        "best_values": dict(best.values) if best else None,
+        "best_text": studies.values_text(best.values) if best else "",
+        "best_url": url,
+        "defaults": studies.values_text(defaults),
         "url": ui_url(store.uri, experiment_id or "", tuning_run.info.run_id) if tuning_run else "",
     }
 
@@ -226,7 +231,9 @@ def _compare(
             f"be compared; run {' and '.join(commands[m] for m in missing)}."
         )
         return
-    before, after = verdict_map(default_records.cells), verdict_map(tuned_records.cells)
+    names = {c.key: c.name for c in (*default.cells, *tuned.cells)}
+    before = verdict_map(default_records.cells, names)
+    after = verdict_map(tuned_records.cells, names)
     rows = []
     for key in list(before) + [k for k in after if k not in before]:
         a, b = before.get(key), after.get(key)
@@ -256,15 +263,16 @@ def _compare(
         )
 
 
-def _context(text: str) -> str:
-    return " ".join(t for t in str(text).split(" ") if t != tune.TUNED_TOKEN)
-
-
-def verdict_map(cells: pd.DataFrame) -> dict[tuple[str, str], dict[str, str]]:
+def verdict_map(
+    cells: pd.DataFrame, names: Mapping[str, CellName]
+) -> dict[tuple[str, str], dict[str, str]]:
     """Every verdict the report draws from a cell table, keyed so that default and tuned cells
-    match: (kind, subject) -> outcome and the numbers behind it."""
+    match (their names without the tuned marker): (kind, subject) -> outcome and numbers."""
+    untuned = cells["key"].map(lambda key: names[key].untuned())
     cells = cells.assign(
-        context=cells["context"].map(_context), config=cells["config"].map(_context)
+        context=untuned.map(lambda n: n.context),
+        config=untuned.map(lambda n: n.config),
+        extras=untuned.map(lambda n: n.extras_text),
     )
     found: dict[tuple[str, str], dict[str, str]] = {}
     for v in degradation(cells):
@@ -301,4 +309,4 @@ def verdict_map(cells: pd.DataFrame) -> dict[tuple[str, str], dict[str, str]]:
 def finished_trials(tuning: Tuning) -> pd.DataFrame:
     """The finished trials with a score, for the history figure."""
     frame = tuning.trials
-    return frame[frame["status"].isin(tune.FINISHED) & frame["score"].notna()]
+    return frame[frame["status"].isin(studies.FINISHED) & frame["score"].notna()]
