@@ -20,6 +20,24 @@ Three seams, each in one place:
 What a command adds on top is how work is claimed: the cell queue (``runner.py``) or Optuna's
 ask within a budget (``tune/``). Events are plain data, so the display (``progress.py``) and
 the outcome never import this module's callers.
+
+Where coming work plugs in:
+
+- One parent run per grid across machines: ``open_session`` is the only place the parent is
+  found or created; with a shared ``--queue`` it can take the parent's id from the queue's
+  storage (first writer wins) instead of searching MLflow. Every worker gets it via `Session`.
+- A parent run whose status tells the truth: ``open_session`` marks it running, and a closing
+  counterpart after the pool (``run_grid``, ``tune_grid``) ends it from the ``Outcome``
+  (interrupted: KILLED, failures or crashes: FAILED, else FINISHED) with summary metrics.
+- Rounds of cells (more seeds where a verdict is open): ``runner.run_round`` enqueues cells and
+  runs the pool into the same outcome; call it again with the new cells (and a session whose
+  grid holds them).
+- Points within an epoch: ``_EpochLog`` holds a ``tracking.MetricLog``; a trainer callback
+  ``on_progress(iteration, metrics)`` adds points to it (step = iteration) and they go out in
+  the same chunked calls as the epoch's metrics.
+- A dead worker's cell taken over: a claim returns a cell whose run is ``running``;
+  ``runner.cell_job`` turns it into a ``Job`` with ``resume``, and the engine continues that
+  run from the checkpoint without logging an epoch twice.
 """
 
 from __future__ import annotations

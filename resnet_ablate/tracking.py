@@ -47,15 +47,13 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mlflow.entities import Experiment, Run
+from mlflow.entities import Experiment, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
+from .config import Cell, Grid
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .config import Cell, Grid
 
 TAG_ROLE = "ablate.role"
 TAG_GRID = "ablate.grid"
@@ -286,8 +284,6 @@ def log_batch(
 ) -> None:
     """Write metric points, params and tags in as few calls as MLflow allows (1000 metrics,
     100 params, 100 tags a call). Params are logged as text: lists as JSON, None as `null`."""
-    from mlflow.entities import Metric, Param, RunTag
-
     metrics = [Metric(p.key, float(p.value), p.timestamp_ms, p.step) for p in points]
     params_ = [Param(k, _param_value(v)) for k, v in params.items()]
     tags_ = [RunTag(k, str(v)) for k, v in tags.items()]

@@ -31,7 +31,7 @@ from resnet_ablate.errors import UserError
 from resnet_ablate.train import CellResult
 from resnet_ablate.tune.budget import within_budget
 from resnet_ablate.tune.grid import apply_tuned, tune_grid
-from resnet_ablate.tune.studies import DIVERGED_SCORE, FINISHED, targets
+from resnet_ablate.tune.studies import DIVERGED_SCORE, FINISHED, TrialScore, best_trial, targets
 
 from .conftest import EXPERIMENTS, ablate, wait_for
 
@@ -425,3 +425,23 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, grid, needle):
 def test_apply_tuned_without_a_tune_section_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no tune: section"):
         apply_tuned(load_grid(EXPERIMENTS / "smoke.yaml"), results=tmp_path, queue=None)
+
+
+def test_the_best_trial_rule():
+    def trial(number, status, score=math.nan):
+        return TrialScore(number, status, score, {"train.lr": number / 10})
+
+    trials = [
+        trial(4, "complete", 5.0),  # lowest score, but beyond the first 3 finished
+        trial(0, "complete", 20.0),
+        trial(1, "failed"),  # does not count toward the budget
+        trial(2, "pruned", 1.0),  # counts, but has no score to compete with
+        trial(3, "diverged", DIVERGED_SCORE),
+        trial(5, "complete", 20.0),
+    ]
+    assert best_trial(trials, budget=3).number == 0  # 0, 2 and 3 are the first three
+    assert best_trial(trials, budget=4).number == 4
+    tie = [trial(7, "complete", 10.0), trial(6, "complete", 10.0)]
+    assert best_trial(tie, budget=2).number == 6  # the earliest on a tie
+    assert best_trial([trial(0, "pruned", 1.0)], budget=1) is None
+    assert best_trial([trial(0, "diverged", DIVERGED_SCORE)], budget=1).number == 0

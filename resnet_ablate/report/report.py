@@ -21,11 +21,14 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import jinja2
 import pandas as pd
 
+from ..config import SECTIONS, CellConfig, Grid
+from ..tracking import Store
 from . import plots
 from .records import Records, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
@@ -39,10 +42,6 @@ from .verdicts import (
     p_text,
     residual_vs_plain,
 )
-
-if TYPE_CHECKING:
-    from ..config import Grid
-    from ..tracking import Store
 
 #: summary.csv: one row per cell; the run's numbers are empty for cells without a run.
 SUMMARY_COLUMNS = [
@@ -352,8 +351,6 @@ def _headline_outcome(verdicts: list, context: str) -> str:
 
 
 def _provenance(grid: Grid, store: Store, records: Records) -> dict[str, Any]:
-    from ..config import SECTIONS, CellConfig
-
     base = CellConfig.model_validate({s: dict(getattr(grid.spec.base, s)) for s in SECTIONS})
     resolved = base.model_dump(mode="json")
     resolved.pop("seed", None)
@@ -391,8 +388,6 @@ def _without_password(uri: str) -> str:
 
 def render(values: dict[str, Any]) -> str:
     """The HTML page; jinja2 escapes every value (descriptions, tags and labels included)."""
-    import jinja2
-
     env = jinja2.Environment(
         autoescape=True,
         undefined=jinja2.StrictUndefined,
