@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from . import tracking
     from .config import Grid
     from .engine import Outcome
-    from .runner import PlanRow
+    from .plan import PlanRow
     from .tune.grid import TuneOutcome
 
 app = typer.Typer(
@@ -134,7 +134,7 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
     """The cell table with sizes and states; reads the store only if it exists."""
     from .data import input_shape
     from .models import build_model, describe
-    from .runner import states
+    from .plan import states
 
     store = _existing_store(results, tracking_uri)
     rows = {row.cell.key: row.status for row in states(grid, store)}
@@ -217,7 +217,7 @@ def list_cells(
     tracking_uri: UriOpt = None,
 ) -> None:
     """List a grid's cells with their state and final errors."""
-    from .runner import states
+    from .plan import states
 
     grid = _grid(grid_file, set_)
     _print_rows(grid, states(grid, _existing_store(results, tracking_uri)))

@@ -68,9 +68,9 @@ TAG_DEVICE = "ablate.device"
 TAG_PRECISION = "ablate.precision"
 TAG_PARENT = "mlflow.parentRunId"
 
-#: Cell states as the record shows them. `new` cells have no run yet.
+#: Cell states that are results: such a cell is not trained again. (The others: `new`, with
+#: no run yet, `running`, `failed` and `killed`.)
 DONE = ("finished", "diverged")
-STATES = ("new", "running", "finished", "diverged", "failed", "killed")
 #: The MLflow run status of every ``ablate.status`` a run can end with (cells, tuning trials
 #: and tuning runs): a result is FINISHED, a crash FAILED, an interruption KILLED.
 MLFLOW_STATUS = {

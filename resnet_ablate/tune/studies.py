@@ -33,7 +33,6 @@ DIVERGED_SCORE = 100.0
 FINISHED = ("complete", "pruned", "diverged")
 #: Finished trials with a score Optuna was told (a pruned trial has none).
 SCORED = ("complete", "diverged")
-TRIAL_STATUSES = ("running", *FINISHED, "failed", "killed")
 
 TAG_TRIAL = "ablate.trial"
 TAG_STUDY = "ablate.study"
@@ -141,7 +140,7 @@ class TrialScore:
     """A trial as the best-trial rule sees it, from Optuna's storage or from its MLflow run."""
 
     number: int
-    status: str  # one of TRIAL_STATUSES
+    status: str  # running, complete, pruned, diverged, failed or killed
     score: float  # the objective; NaN when it has none
     values: Mapping[str, Any] = field(default_factory=dict)
 
