@@ -40,10 +40,12 @@ from .progress import GridProgress
 
 
 def checkpoint_path(results: Path, grid: Grid, cell: Cell) -> Path:
+    """Where a cell's trainer keeps its resumable state while the cell runs."""
     return results / "checkpoints" / grid.name / f"{cell.key}.pt"
 
 
 def queue_name(grid: Grid) -> str:
+    """The Optuna study that holds the grid's queue of cells."""
     return f"cells:{grid.name}"
 
 

@@ -335,6 +335,7 @@ def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
 
 
 def log_text(store: Store, run_id: str, name: str, text: str) -> None:
+    """Store a text artifact (a crash's traceback) with the run."""
     store.client.log_text(run_id, text, name)
 
 
