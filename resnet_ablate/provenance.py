@@ -1,7 +1,9 @@
 """What code made a run: this package's version, torch's, and the git commit of the checkout.
 
 Every run the engine creates (the grid's parent run, cells, tuning runs, trials) carries these
-as tags, so a result can be traced to the code that produced it.
+as tags, so a result can be traced to the code that produced it. Torch is imported where its
+version is read, not at the top: ``tracking`` hands ``provenance`` on (the benchmark reads it
+there), and the store's readers (``ablate ls``, the report) import ``tracking`` without torch.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-import torch
-
 
 @functools.cache
 def provenance() -> dict[str, str]:
@@ -21,6 +21,8 @@ def provenance() -> dict[str, str]:
         version = importlib.metadata.version("resnet-ablate")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree
         version = "source"
+    import torch  # see the module docstring
+
     tags = {"ablate.version": version, "ablate.torch_version": torch.__version__}
     here = Path(__file__).resolve().parent
     try:
