@@ -157,10 +157,11 @@ class WorkerContext:
 def contexts(session: Session, workers: int) -> list[WorkerContext]:
     """One context per worker: GPUs shared round-robin; on a CPU the cores split between them."""
     options = session.options.exec or train.ExecOptions()
-    return [WorkerContext(session, i, _worker_exec(options, i, workers)) for i in range(workers)]
+    return [WorkerContext(session, i, worker_exec(options, i, workers)) for i in range(workers)]
 
 
-def _worker_exec(options: train.ExecOptions, worker: int, workers: int) -> train.ExecOptions:
+def worker_exec(options: train.ExecOptions, worker: int, workers: int) -> train.ExecOptions:
+    """A worker's device options: the GPUs round-robin; on a CPU, the cores shared."""
     if options.device in ("auto", "cuda") and torch.cuda.is_available():
         return replace(options, device=f"cuda:{worker % torch.cuda.device_count()}")
     if workers > 1 and options.threads is None:

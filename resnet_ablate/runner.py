@@ -34,6 +34,7 @@ from .engine import (
     run_pool,
     train_tracked,
 )
+from .engine import worker_exec as _worker_exec  # noqa: F401 - bench/step.py reads it here
 from .events import Emit
 from .plan import states
 from .progress import GridProgress
