@@ -18,7 +18,9 @@ from .errors import UserError
 if TYPE_CHECKING:
     from . import tracking
     from .config import Grid
-    from .runner import PlanRow
+    from .engine import Outcome
+    from .plan import PlanRow
+    from .tune.grid import TuneOutcome
 
 app = typer.Typer(
     name="ablate",
@@ -83,14 +85,15 @@ def run(
         raise UserError(f"--precision {precision}: choose auto, bf16 or fp32")
     settings = "default"
     if tuned:
-        from .tune import apply_tuned
+        from .tune.grid import apply_tuned
 
         grid, settings = apply_tuned(grid, results=results, queue=queue)
     if dry_run:
         _dry_run(grid, results, tracking_uri)
         return
 
-    from .runner import RunOptions, run_grid
+    from .engine import RunOptions
+    from .runner import run_grid
     from .train import ExecOptions
 
     options = RunOptions(
@@ -104,11 +107,10 @@ def run(
         settings=settings,
     )
     outcome = run_grid(grid, options, console)
-    for key, reason in outcome.reasons.items():
-        label = next(c.label for c in grid.cells if c.key == key)
-        errors.print(f"[yellow]{label}[/]: {reason}")
-    for crash in outcome.crashes:
-        errors.print(f"[red]worker crashed:[/] {crash}")
+    for ended in outcome.ended:
+        if ended.note:  # why a cell diverged, failed or was killed
+            errors.print(f"[yellow]{ended.label}[/]: {ended.note}")
+    _print_crashes(outcome)
     if outcome.interrupted:
         errors.print("Interrupted: checkpoints are kept; run the same command again to resume.")
         raise typer.Exit(130)
@@ -123,11 +125,16 @@ def run(
     raise typer.Exit(outcome.exit_code)
 
 
+def _print_crashes(outcome: Outcome) -> None:
+    for crash in outcome.crashes:
+        errors.print(f"[red]worker crashed:[/] {crash}")
+
+
 def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
     """The cell table with sizes and states; reads the store only if it exists."""
     from .data import input_shape
     from .models import build_model, describe
-    from .runner import states
+    from .plan import states
 
     store = _existing_store(results, tracking_uri)
     rows = {row.cell.key: row.status for row in states(grid, store)}
@@ -210,7 +217,7 @@ def list_cells(
     tracking_uri: UriOpt = None,
 ) -> None:
     """List a grid's cells with their state and final errors."""
-    from .runner import states
+    from .plan import states
 
     grid = _grid(grid_file, set_)
     _print_rows(grid, states(grid, _existing_store(results, tracking_uri)))
@@ -359,20 +366,55 @@ def tune(
     ] = None,
 ) -> None:
     """Tune each configuration with the same budget (the grid's tune: section), for --tuned."""
-    from .tune import command
+    from .tune.studies import tune_spec
 
     grid = _grid(grid_file, set_)
-    raise typer.Exit(
-        command(
-            grid,
-            workers=workers,
-            device=device,
-            results=results,
-            tracking_uri=tracking_uri,
-            queue=queue,
-            out=console,
-            err=errors,
+    tune_spec(grid)  # a grid without one fails before the heavy imports
+    from .engine import RunOptions
+    from .train import ExecOptions
+    from .tune.grid import tune_grid
+
+    options = RunOptions(
+        results=results,
+        tracking_uri=tracking_uri,
+        queue=queue,
+        workers=workers,
+        exec=ExecOptions(device=device),
+    )
+    outcome = tune_grid(grid, options, console)
+    for failure in outcome.failures:
+        errors.print(f"[yellow]failed[/] {failure.label}: {failure.note}", highlight=False)
+    _print_crashes(outcome)
+    _print_studies(grid, outcome)
+    if outcome.interrupted:
+        errors.print("Interrupted: finished trials are kept; run the same command to continue.")
+    raise typer.Exit(outcome.exit_code)
+
+
+def _print_studies(grid: Grid, outcome: TuneOutcome) -> None:
+    """Each study's trials and best values, and what to run next."""
+    from .tune.studies import values_text
+
+    budget = outcome.budget
+    table = Table(title=f"{grid.name}: tuning, {budget} trials each", title_justify="left")
+    for column in ["configuration", "trials", "best trial", "val err %", "best values"]:
+        table.add_column(column)
+    for state in outcome.states:
+        best = state.best_number is not None
+        failed = f" ({state.failed} failed)" if state.failed else ""
+        table.add_row(
+            state.target.label,
+            f"{state.finished}/{budget}{failed}",
+            str(state.best_number) if best else "",
+            f"{state.best_value:.2f}" if best else "",
+            values_text(state.best_values) if best else "",
         )
+    console.print(table)
+    done = sum(s.finished >= budget for s in outcome.states)
+    console.print(
+        f"{grid.name}: {len(outcome.ended)} trial(s) run now; {done} of {len(outcome.states)} "
+        f"studies have their {budget} trials"
+        + (f"; next: ablate run {grid.path} --tuned" if done == len(outcome.states) else "")
     )
 
 

@@ -13,7 +13,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -271,12 +271,80 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+#: The model fields a name shows in its own words (`plain-56 basic post`), not as `field=value`.
+_NAMED_FIELDS = frozenset(
+    {"model.shortcut", "model.depth", "model.block", "model.order", "model.arch", "seed"}
+)
+
+
+@dataclass(frozen=True)
+class CellName:
+    """A cell's identity as people read it, kept as fields: code reads these, never the label.
+
+    The label is ``[arch] net block order [extras] [settings=tuned] s<seed>``, e.g.
+    ``plain-56 basic post s0`` or ``tutorial res-18 basic pre lr=0.05 settings=tuned s2``; the
+    architecture shows only when it is not ``cifar``, ``extras`` are the other fields the grid
+    varies (``lr=0.05``) and ``settings=tuned`` marks a cell run with tuned values.
+    """
+
+    family: str  # plain, res (option A) or res-proj (option B)
+    depth: int
+    block: str
+    order: str
+    arch: str = "cifar"
+    extras: tuple[tuple[str, str], ...] = ()  # (dotted field, value as shown), in grid order
+    seed: int = 0
+    tuned: bool = False
+
+    @property
+    def net(self) -> str:
+        """`plain-56`, `res-110`, `res-proj-56`: the shortcut kind and the depth."""
+        return f"{self.family}-{self.depth}"
+
+    @property
+    def extras_text(self) -> str:
+        """The extra varying tokens, `lr=0.05 settings=tuned`; empty when there are none."""
+        tokens = [f"{name.split('.')[-1]}={text}" for name, text in self.extras]
+        return " ".join(tokens + (["settings=tuned"] if self.tuned else []))
+
+    @property
+    def context(self) -> str:
+        """What is neither the shortcut kind, the depth nor the seed: `basic post lr=0.05`.
+        Cells of one context differ only in those three."""
+        return self._join(net=False)
+
+    @property
+    def config(self) -> str:
+        """The configuration without its seed: `plain-56 basic post lr=0.05`."""
+        return self._join(net=True)
+
+    @property
+    def label(self) -> str:
+        """`plain-56 basic post s0`: the configuration and the seed."""
+        return f"{self.config} s{self.seed}"
+
+    def untuned(self) -> CellName:
+        """The same name without the tuned marker (default and tuned runs of a cell match)."""
+        return replace(self, tuned=False)
+
+    def _join(self, *, net: bool) -> str:
+        parts = [self.arch] if self.arch != "cifar" else []
+        parts += [self.net] if net else []
+        parts += [self.block, self.order]
+        return " ".join(parts + ([self.extras_text] if self.extras_text else []))
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid: a resolved configuration, its stable key and a human label."""
+    """One run of the grid: a resolved configuration, its stable key and its name.
+
+    `varying` holds the grid's values for this cell (axes, then the seed); `tuned` marks a
+    cell whose train fields were replaced by its study's best values (`ablate run --tuned`).
+    """
 
     config: CellConfig
     varying: tuple[tuple[str, Any], ...] = field(default=())
+    tuned: bool = False
 
     @property
     def key(self) -> str:
@@ -286,23 +354,24 @@ class Cell:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
+    def name(self) -> CellName:
+        """The structured name: family, depth, block, order, arch, extras, seed, tuned."""
+        m = self.config.model
+        return CellName(
+            family=m.family,
+            depth=m.depth or 0,  # always resolved by the schema
+            block=m.block,
+            order=m.order,
+            arch=m.arch,
+            extras=tuple((k, _short(v)) for k, v in self.varying if k not in _NAMED_FIELDS),
+            seed=self.config.seed,
+            tuned=self.tuned,
+        )
+
+    @property
     def label(self) -> str:
         """`plain-56 basic post s0`; other varying fields appear as `lr=0.05`."""
-        m = self.config.model
-        parts = [f"{m.family}-{m.depth}", m.block, m.order]
-        if m.arch != "cifar":
-            parts.insert(0, m.arch)
-        shown = {
-            "model.shortcut",
-            "model.depth",
-            "model.block",
-            "model.order",
-            "model.arch",
-            "seed",
-        }
-        parts += [f"{k.split('.')[-1]}={_short(v)}" for k, v in self.varying if k not in shown]
-        parts.append(f"s{self.config.seed}")
-        return " ".join(parts)
+        return self.name.label
 
     @property
     def params(self) -> dict[str, Any]:

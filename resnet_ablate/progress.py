@@ -1,10 +1,15 @@
-"""The live view of a grid run or tune: cells (or trials) done, each worker's epoch, ETA."""
+"""The live view of a grid run or tune: cells (or trials) done, each worker's epoch, ETA.
+
+It reads the workers' events (``events.py``) and nothing else: it knows neither the runner nor
+the tuner, only the cells whose work is pending.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Sequence
+from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -14,13 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .tracking import DONE
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from .config import Cell, Grid
-    from .runner import PlanRow
+from .config import Cell
+from .events import Crashed, Ended, Epoch, Event, Skipped, Started
 
 STYLE = {"finished": "green", "diverged": "yellow", "failed": "red", "killed": "magenta"}
 
@@ -34,25 +34,27 @@ def _cost(cell: Cell) -> float:
 class GridProgress:
     """Rich progress for a grid run; `update(event)` takes the workers' events.
 
-    The grid's bar and ETA follow epoch-weighted work (a depth-56 epoch counts more than a
-    depth-20 one), so the estimate holds across a grid of unequal cells.
+    `pending` holds one cell per training still to run (a study's base cell once per trial
+    left); `done` of `total` are done already, and a training that ends in one of
+    `done_states` adds one. The bar and ETA follow epoch-weighted work (a depth-56 epoch counts
+    more than a depth-20 one), so the estimate holds across a grid of unequal cells.
     """
 
     def __init__(
         self,
         console: Console,
-        grid: Grid,
-        rows: list[PlanRow],
+        title: str,
+        pending: Sequence[Cell],
         *,
+        done: int,
+        total: int,
+        done_states: Collection[str],
         noun: str = "cells",
-        done_states: Collection[str] = DONE,
     ):
         self.console = console
         self.noun, self.done_states = noun, frozenset(done_states)
-        self.cells = {row.cell.key: row.cell for row in rows}
-        self.done = sum(row.status in self.done_states for row in rows)
-        self.total = len(rows)
-        pending = [row.cell for row in rows if row.status not in self.done_states]
+        self.cells = {cell.key: cell for cell in pending}
+        self.done, self.total = done, total
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=30),
@@ -64,7 +66,7 @@ class GridProgress:
         )
         work = sum(_cost(c) * c.config.train.epochs for c in pending)
         self.overall: TaskID = self.progress.add_task(
-            f"[bold]{grid.name}[/]", total=work or 1.0, count=self._count(), note=""
+            f"[bold]{title}[/]", total=work or 1.0, count=self._count(), note=""
         )
         self.workers: dict[int, TaskID] = {}
 
@@ -78,40 +80,38 @@ class GridProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def update(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == "start":
-            _, worker, key, label, epochs = event
-            if worker not in self.workers:
-                self.workers[worker] = self.progress.add_task("", count="", note="")
-            self.progress.reset(
-                self.workers[worker],
-                total=epochs,
-                description=f"  w{worker} {label}",
-                count=f"epoch 0/{epochs}",
-                note="",
-            )
-        elif kind == "epoch":
-            _, worker, key, epoch, train_err = event
-            task = self.workers[worker]
+    def update(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self._started(event)
+        elif isinstance(event, Epoch):
+            task = self.workers[event.worker]
             total = self.progress.tasks[task].total
-            self.progress.advance(self.overall, _cost(self.cells[key]))
+            self.progress.advance(self.overall, _cost(self.cells[event.key]))
             self.progress.update(
                 task,
-                completed=epoch,
-                count=f"epoch {epoch}/{total:.0f}",
-                note=f"train err {train_err:5.1f}%",
+                completed=event.epoch,
+                count=f"epoch {event.epoch}/{total:.0f}",
+                note=f"train err {event.train_err:5.1f}%",
             )
-        elif kind == "skip":  # epochs that will not run (a pruned trial): their work is done
-            _, worker, key, epochs = event
-            self.progress.advance(self.overall, _cost(self.cells[key]) * epochs)
-        elif kind == "end":
-            _, worker, key, status, reason = event
-            if status in self.done_states:
+        elif isinstance(event, Skipped):
+            self.progress.advance(self.overall, _cost(self.cells[event.key]) * event.epochs)
+        elif isinstance(event, Ended):
+            if event.status in self.done_states:
                 self.done += 1
                 self.progress.update(self.overall, count=self._count())
-            style = STYLE.get(status, "white")
-            note = f": {reason}" if reason else ""
-            self.console.log(f"[{style}]{status}[/] {self.cells[key].label}{note}")
-        elif kind == "crash":
-            self.console.log(f"[red]worker {event[1]} crashed:[/] {event[2]}")
+            style = STYLE.get(event.status, "white")
+            note = f": {event.note}" if event.note else ""
+            self.console.log(f"[{style}]{event.status}[/] {event.label}{note}")
+        elif isinstance(event, Crashed):
+            self.console.log(f"[red]worker {event.worker} crashed:[/] {event.error}")
+
+    def _started(self, event: Started) -> None:
+        if event.worker not in self.workers:
+            self.workers[event.worker] = self.progress.add_task("", count="", note="")
+        self.progress.reset(
+            self.workers[event.worker],
+            total=event.epochs,
+            description=f"  w{event.worker} {event.label}",
+            count=f"epoch 0/{event.epochs}",
+            note="",
+        )

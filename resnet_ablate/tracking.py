@@ -1,4 +1,16 @@
-"""Everything MLflow: the store, the experiment of a grid, its parent run, and one run per cell.
+"""Everything MLflow: the only module that talks to the MLflow client.
+
+- The store: ``open_store`` (creating an embedded SQLite store once, under a file lock),
+  ``existing_store``, ``Store.experiment_id``.
+- Writing: ``create_run(store, experiment_id, RunSpec)`` (name, role, parent, tags, params),
+  ``reopen_run``, ``end_run`` (``ablate.status`` and reason, MLflow's status from
+  ``MLFLOW_STATUS``), and one chunked writer, ``log_batch``, behind ``log_metrics``,
+  ``MetricLog`` (points held until flushed: an epoch's metrics, or points within an epoch) and
+  the params of a new run. ``grid_run_id`` and ``cell_run_spec`` say what a grid's and a cell's
+  runs look like; tuning runs and trials are specified in ``tune/``.
+- Reading, for the runner and the report: ``find_experiment``, ``first_run``,
+  ``runs_with_role``, ``cell_runs``, ``cell_status``, ``logged_steps``, ``metric_points``,
+  ``download_json``, ``ui_url``.
 
 The record a grid leaves in MLflow (the report and `ablate ls` read only this):
 
@@ -8,39 +20,40 @@ The record a grid leaves in MLflow (the report and `ablate ls` read only this):
   ``ablate.role=cell``, ``ablate.cell_key``, ``ablate.label``, ``ablate.status`` (running,
   finished, diverged, failed, killed), ``ablate.reason`` (why it diverged or failed),
   ``ablate.git_commit``, ``ablate.torch_version``, ``ablate.device``, ``ablate.precision``,
-  ``ablate.settings`` (``default`` or how tuned values were chosen); every config field as a flat
+  ``ablate.settings`` (``default`` or how tuned values were chosen), and whatever the trainer
+  reports about what actually ran (``CellResult.tags``); every config field as a flat
   param (``model.depth``); metrics ``model_params`` and ``model_macs`` (step 0); per-epoch metrics
   (step = epoch, from 1): ``train_loss``, ``train_err``, ``test_loss``, ``test_err``, ``val_loss``,
   ``val_err`` (when the grid holds out a validation split), ``lr``, ``epoch_seconds``,
   ``images_per_second``; errors in percent. At the end: ``final_train_err``,
-  ``final_test_err``, ``best_test_err``, ``best_test_epoch``, ``wall_seconds``, and artifacts
-  ``config.json`` (resolved config, key, label), ``final_metrics.json`` and ``grad_flow.json``
-  (per-layer gradient norms of the main-path convolutions at the first and last epoch).
+  ``final_test_err``, ``best_test_err``, ``best_test_epoch``, ``wall_seconds``,
+  ``tracking_seconds``, and artifacts ``config.json`` (resolved config, key, label),
+  ``final_metrics.json`` and ``grad_flow.json`` (per-layer gradient norms of the main-path
+  convolutions at the first and last epoch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import fcntl
 import json
+import logging
 import os
-import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+from mlflow.tracking import MlflowClient
+
+from .config import Cell, Grid
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
-
-    from .config import Cell, Grid
 
 TAG_ROLE = "ablate.role"
 TAG_GRID = "ablate.grid"
@@ -51,18 +64,25 @@ TAG_REASON = "ablate.reason"
 TAG_RESUMED = "ablate.resumed_from_epoch"
 TAG_DESCRIPTION = "ablate.description"
 TAG_SETTINGS = "ablate.settings"
+TAG_DEVICE = "ablate.device"
+TAG_PRECISION = "ablate.precision"
 TAG_PARENT = "mlflow.parentRunId"
 
-#: Cell states as the record shows them. `new` cells have no run yet.
+#: Cell states that are results: such a cell is not trained again. (The others: `new`, with
+#: no run yet, `running`, `failed` and `killed`.)
 DONE = ("finished", "diverged")
-STATES = ("new", "running", "finished", "diverged", "failed", "killed")
-_MLFLOW_STATUS = {
+#: The MLflow run status of every ``ablate.status`` a run can end with (cells, tuning trials
+#: and tuning runs): a result is FINISHED, a crash FAILED, an interruption KILLED.
+MLFLOW_STATUS = {
     "running": "RUNNING",
     "finished": "FINISHED",
     "diverged": "FINISHED",
+    "complete": "FINISHED",
+    "pruned": "FINISHED",
     "failed": "FAILED",
     "killed": "KILLED",
 }
+_PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 class TrackingError(UserError):
@@ -158,10 +178,6 @@ def open_store(uri: str | None, results: Path) -> Store:
         check_results_dir(db.parent)
         artifact_root = db.parent / "mlartifacts"
         lock = _file_lock(db.with_name(db.name + ".lock"))
-    import logging
-
-    from mlflow.tracking import MlflowClient
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -184,8 +200,6 @@ def existing_store(uri: str | None, results: Path) -> Store | None:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on a file, held for the block (one machine, many processes)."""
-    import fcntl
-
     with open(path, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -200,40 +214,188 @@ def _first_line(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Runs.
+# Writing: runs created, reopened and ended; metrics, params and tags in chunked batches.
 
 
-def grid_run_id(store: Store, experiment_id: str, grid: Grid) -> str:
-    """The grid's parent run: found by tag, created on first use."""
-    runs = store.client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ROLE}` = 'grid' and tags.`{TAG_GRID}` = '{grid.name}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
-    if runs:
-        return runs[0].info.run_id
-    run = store.client.create_run(
-        experiment_id,
-        run_name=grid.name,
+@dataclass(frozen=True)
+class RunSpec:
+    """A run to create: its name, its role and parent, its tags and its params.
+
+    ``status`` is the ``ablate.status`` it starts with (None: the run has no such tag, as the
+    grid's parent run). Tags include the provenance (``provenance.py``) the caller gives.
+    """
+
+    name: str
+    role: str
+    parent_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    status: str | None = "running"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One metric value at a step (epoch, or iteration), when it was measured (ms since epoch)."""
+
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
+    run_id: str = ""  # set when read back from the store
+
+
+def create_run(store: Store, experiment_id: str, spec: RunSpec) -> str:
+    """Create a run as `spec` says (params logged in chunks); returns its id."""
+    fixed = {TAG_ROLE: spec.role}
+    if spec.parent_id is not None:
+        fixed[TAG_PARENT] = spec.parent_id
+    if spec.status is not None:
+        fixed[TAG_STATUS] = spec.status
+    tags = {**fixed, **spec.tags}
+    run = store.client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    log_batch(store, run.info.run_id, params=spec.params)
+    return run.info.run_id
+
+
+def reopen_run(store: Store, run_id: str, tags: Mapping[str, str]) -> str:
+    """Mark an existing run RUNNING again (the same run continues) and set `tags` on it."""
+    store.client.update_run(run_id, status="RUNNING")
+    log_batch(store, run_id, tags=tags)
+    return run_id
+
+
+def end_run(
+    store: Store, run_id: str, status: str, reason: str = "", tags: Mapping[str, str] = {}
+) -> None:
+    """Record how a run ended (``ablate.status``, ``ablate.reason``, more `tags`) and end it
+    with the MLflow status that goes with `status` (see ``MLFLOW_STATUS``)."""
+    ended = {TAG_STATUS: status, **({TAG_REASON: reason[:4000]} if reason else {}), **tags}
+    log_batch(store, run_id, tags=ended)
+    store.client.set_terminated(run_id, MLFLOW_STATUS[status])
+
+
+def log_batch(
+    store: Store,
+    run_id: str,
+    *,
+    points: Sequence[Point] = (),
+    params: Mapping[str, Any] = {},
+    tags: Mapping[str, str] = {},
+) -> None:
+    """Write metric points, params and tags in as few calls as MLflow allows (1000 metrics,
+    100 params, 100 tags a call). Params are logged as text: lists as JSON, None as `null`."""
+    metrics = [Metric(p.key, float(p.value), p.timestamp_ms, p.step) for p in points]
+    params_ = [Param(k, _param_value(v)) for k, v in params.items()]
+    tags_ = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(metrics), 1000):
+        store.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    for i in range(0, len(params_), 100):
+        store.client.log_batch(run_id, params=params_[i : i + 100])
+    for i in range(0, len(tags_), 100):
+        store.client.log_batch(run_id, tags=tags_[i : i + 100])
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return "null" if value is None else str(value)
+
+
+def log_metrics(store: Store, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log values at one step (an epoch's metrics, the final ones) in one batch."""
+    points = MetricLog(store, run_id)
+    points.add(metrics, step)
+    points.flush()
+
+
+class MetricLog:
+    """Metric points of one run, held until `flush` writes them in chunked batches.
+
+    The engine adds each epoch's metrics and flushes at once; points within an epoch (per
+    iteration) can be added as they come and go out with the epoch's, in the same calls.
+    """
+
+    def __init__(self, store: Store, run_id: str):
+        self.store, self.run_id = store, run_id
+        self.points: list[Point] = []
+
+    def add(self, values: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        self.points += [Point(k, float(v), step, now) for k, v in values.items()]
+
+    def flush(self) -> None:
+        if self.points:
+            log_batch(self.store, self.run_id, points=self.points)
+            self.points = []
+
+
+def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
+    """Store a JSON artifact (config, final metrics, gradient flow) with the run."""
+    store.client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
+
+
+def log_text(store: Store, run_id: str, name: str, text: str) -> None:
+    """Store a text artifact (a crash's traceback) with the run."""
+    store.client.log_text(run_id, text, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The runs of a grid.
+
+
+def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mapping[str, str]) -> str:
+    """The grid's parent run: found by tag, created on first use (tagged with `provenance`)."""
+    found = first_run(store, experiment_id, "grid", {TAG_GRID: grid.name})
+    if found is not None:
+        return found.info.run_id
+    spec = RunSpec(
+        name=grid.name,
+        role="grid",
+        status=None,
         tags={
-            TAG_ROLE: "grid",
             TAG_GRID: grid.name,
             "mlflow.note.content": grid.spec.description,
             **{f"grid.{k}": v for k, v in grid.spec.tags.items()},
-            **provenance(),
+            **provenance,
+        },
+        params={
+            "grid.axes": ", ".join(grid.axes),
+            "grid.cells": str(len(grid.cells)),
+            "grid.seeds": ",".join(map(str, grid.spec.seeds)),
         },
     )
-    from mlflow.entities import Param
+    run_id = create_run(store, experiment_id, spec)
+    store.client.set_terminated(run_id, "FINISHED")
+    return run_id
 
-    params = [
-        Param("grid.axes", ", ".join(grid.axes)),
-        Param("grid.cells", str(len(grid.cells))),
-        Param("grid.seeds", ",".join(map(str, grid.spec.seeds))),
-    ]
-    store.client.log_batch(run.info.run_id, params=params)
-    store.client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+
+def cell_run_spec(cell: Cell, parent_id: str, tags: Mapping[str, str]) -> RunSpec:
+    """A cell's run: named by its label, tagged with its key, every config field a param."""
+    return RunSpec(
+        name=cell.label,
+        role="cell",
+        parent_id=parent_id,
+        tags={TAG_KEY: cell.key, TAG_LABEL: cell.label, **tags},
+        params=cell.params,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def find_experiment(store: Store, name: str) -> Experiment | None:
+    """The experiment of that name (active or deleted), or None."""
+    return store.client.get_experiment_by_name(name)
+
+
+def first_run(store: Store, experiment_id: str, role: str, tags: Mapping[str, str]) -> Run | None:
+    """The oldest run with ``ablate.role = role`` and the given tag values, or None."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_ROLE: role, **tags}.items())
+    runs = store.client.search_runs(
+        [experiment_id], filter_string=where, order_by=["attributes.start_time ASC"], max_results=1
+    )
+    return runs[0] if runs else None
 
 
 def runs_with_role(
@@ -271,116 +433,43 @@ def cell_status(run: Run | None) -> str:
     return run.data.tags.get(TAG_STATUS, "running")
 
 
-def start_cell_run(
-    store: Store,
-    experiment_id: str,
-    parent_id: str,
-    cell: Cell,
-    tags: Mapping[str, str],
-    existing: str | None = None,
-) -> str:
-    """Create the cell's run, or mark an interrupted one running again (same run continues)."""
-    from mlflow.entities import Param
-
-    if existing is not None:
-        store.client.update_run(existing, status="RUNNING")
-        store.client.set_tag(existing, TAG_STATUS, "running")
-        store.client.set_tag(existing, TAG_REASON, "")
-        return existing
-    run = store.client.create_run(
-        experiment_id,
-        run_name=cell.label,
-        tags={
-            TAG_PARENT: parent_id,
-            TAG_ROLE: "cell",
-            TAG_KEY: cell.key,
-            TAG_LABEL: cell.label,
-            TAG_STATUS: "running",
-            **provenance(),
-            **tags,
-        },
-    )
-    run_id = run.info.run_id
-    params = [Param(k, _param_value(v)) for k, v in cell.params.items()]
-    for i in range(0, len(params), 100):
-        store.client.log_batch(run_id, params=params[i : i + 100])
-    return run_id
-
-
-def _param_value(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return json.dumps(list(value))
-    return "null" if value is None else str(value)
-
-
-def log_metrics(store: Store, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log one epoch's metrics in a single batch call."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for i in range(0, len(batch), 1000):
-        store.client.log_batch(run_id, metrics=batch[i : i + 1000])
-
-
 def logged_steps(store: Store, run_id: str, key: str = "train_err") -> set[int]:
     """The epochs already recorded for a run (to fill gaps on resume without repeats)."""
     return {m.step for m in store.client.get_metric_history(run_id, key)}
 
 
-def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
-    """Store a JSON artifact (config, final metrics, gradient flow) with the run."""
-    store.client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
+def metric_points(store: Store, run_ids: Sequence[str], keys: Sequence[str]) -> list[Point]:
+    """Every logged value of `keys` for `run_ids`, with their run ids. One query per key for
+    all runs where the store allows it (the SQLAlchemy store behind ``sqlite:///``), else one
+    call per run and key."""
+    backend = getattr(getattr(store.client, "_tracking_client", None), "store", None)
+    bulk = getattr(backend, "get_metric_history_bulk", None)
+    points: list[Point] = []
+    for key in keys:
+        if bulk is not None:
+            for i in range(0, len(run_ids), 500):
+                for m in bulk(list(run_ids[i : i + 500]), key, max_results=2**31 - 1):
+                    points.append(Point(key, m.value, m.step, m.timestamp, m.run_id))
+        else:
+            for run_id in run_ids:
+                for m in store.client.get_metric_history(run_id, key):
+                    points.append(Point(key, m.value, m.step, m.timestamp, run_id))
+    return points
 
 
-def log_text(store: Store, run_id: str, name: str, text: str) -> None:
-    store.client.log_text(run_id, text, name)
-
-
-def end_cell_run(store: Store, run_id: str, status: str, reason: str = "") -> None:
-    """Record the cell's final state: finished, diverged, failed or killed."""
-    store.client.set_tag(run_id, TAG_STATUS, status)
-    if reason:
-        store.client.set_tag(run_id, TAG_REASON, reason[:4000])
-    store.client.set_terminated(run_id, _MLFLOW_STATUS[status])
-
-
-@functools.cache
-def provenance() -> dict[str, str]:
-    """Git commit of the code that ran (``+dirty`` when modified), torch and package versions."""
-    import importlib.metadata
-
+def download_json(store: Store, run_id: str, name: str) -> Any:
+    """Fetch one small JSON artifact of a run (no progress bar on the terminal)."""
+    previous = os.environ.get(_PROGRESS)
+    os.environ[_PROGRESS] = "false"
     try:
-        version = importlib.metadata.version("resnet-ablate")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        version = "source"
-    tags = {"ablate.version": version}
-    try:
-        import torch
-
-        tags["ablate.torch_version"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        tags["ablate.git_commit"] = commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        tags["ablate.git_commit"] = "unknown"
-    return tags
+        with tempfile.TemporaryDirectory(prefix="ablate-") as tmp:
+            path = store.client.download_artifacts(run_id, name, tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    finally:
+        if previous is None:
+            os.environ.pop(_PROGRESS, None)
+        else:
+            os.environ[_PROGRESS] = previous
 
 
 def ui_url(uri: str, experiment_id: str, run_id: str, ui_base: str | None = None) -> str:

@@ -10,12 +10,7 @@ from typing import Any
 import numpy as np
 
 from resnet_ablate import tracking
-from resnet_ablate.bench.report import (
-    synthetic_curves,
-    synthetic_grad_flow,
-    synthetic_provenance,
-    write_cell,
-)
+from resnet_ablate.bench.report import synthetic_curves, synthetic_grad_flow, write_cell
 from resnet_ablate.config import Cell, Grid, load_grid
 
 PROVENANCE = {
@@ -74,31 +69,31 @@ def populate(store: tracking.Store, grid: Grid, plan: Callable[[Cell], Plan | No
     """Write a run for every cell that `plan` gives a Plan (None: the cell stays new)."""
     rng = np.random.default_rng(0)
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
-    with synthetic_provenance(PROVENANCE):
-        parent = tracking.grid_run_id(store, experiment_id, grid)
-        for cell in grid.cells:
-            p = plan(cell)
-            if p is None:
-                continue
-            m = cell.config.model
-            epochs = cell.config.train.epochs
-            curves = synthetic_curves(p.final_train, p.final_test, epochs, rng)
-            # Land exactly on the planned finals: the tests compare them with the report.
-            curves["train_err"][-1], curves["test_err"][-1] = p.final_train, p.final_test
-            logged = epochs if p.epochs is None else p.epochs
-            curves = {k: v[:logged] for k, v in curves.items()}
-            if p.status == "diverged":
-                curves["train_err"][-1] = float("nan")
-            flow = synthetic_grad_flow(m.depth, m.shortcut, epochs) if p.grad_flow else None
-            write_cell(
-                store,
-                experiment_id,
-                parent,
-                cell,
-                curves,
-                status=p.status,
-                reason=p.reason,
-                params=1000.0 * m.depth,
-                macs=2.0e6 * m.depth,
-                grad_flow=flow,
-            )
+    parent = tracking.grid_run_id(store, experiment_id, grid, PROVENANCE)
+    for cell in grid.cells:
+        p = plan(cell)
+        if p is None:
+            continue
+        m = cell.config.model
+        epochs = cell.config.train.epochs
+        curves = synthetic_curves(p.final_train, p.final_test, epochs, rng)
+        # Land exactly on the planned finals: the tests compare them with the report.
+        curves["train_err"][-1], curves["test_err"][-1] = p.final_train, p.final_test
+        logged = epochs if p.epochs is None else p.epochs
+        curves = {k: v[:logged] for k, v in curves.items()}
+        if p.status == "diverged":
+            curves["train_err"][-1] = float("nan")
+        flow = synthetic_grad_flow(m.depth, m.shortcut, epochs) if p.grad_flow else None
+        write_cell(
+            store,
+            experiment_id,
+            parent,
+            cell,
+            curves,
+            status=p.status,
+            reason=p.reason,
+            params=1000.0 * m.depth,
+            macs=2.0e6 * m.depth,
+            grad_flow=flow,
+            provenance=PROVENANCE,
+        )

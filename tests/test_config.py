@@ -11,6 +11,7 @@ from resnet_ablate.config import (
     SECTIONS,
     Cell,
     CellConfig,
+    CellName,
     DataSpec,
     GridError,
     ModelSpec,
@@ -67,6 +68,62 @@ def test_other_varying_fields_appear_in_labels(write_grid):
     path = write_grid(text.split("exclude:")[0])
     labels = {c.label for c in load_grid(path).cells}
     assert "plain-20 basic post lr=0.05 s1" in labels
+
+
+NAMES = [  # name, label, configuration, context, net, extras
+    (
+        CellName("plain", 56, "basic", "post", seed=0),
+        "plain-56 basic post s0",
+        "plain-56 basic post",
+        "basic post",
+        "plain-56",
+        "",
+    ),
+    (
+        CellName("res-proj", 110, "bottleneck", "pre", extras=(("train.lr", "0.05"),), seed=2),
+        "res-proj-110 bottleneck pre lr=0.05 s2",
+        "res-proj-110 bottleneck pre lr=0.05",
+        "bottleneck pre lr=0.05",
+        "res-proj-110",
+        "lr=0.05",
+    ),
+    (
+        CellName("res", 18, "basic", "tutorial", arch="tutorial", seed=1, tuned=True),
+        "tutorial res-18 basic tutorial settings=tuned s1",
+        "tutorial res-18 basic tutorial settings=tuned",
+        "tutorial basic tutorial settings=tuned",
+        "res-18",
+        "settings=tuned",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "label", "config", "context", "net", "extras"), NAMES)
+def test_a_name_is_fields_and_its_strings_are_made_from_them(
+    name, label, config, context, net, extras
+):
+    assert (name.label, name.config, name.context) == (label, config, context)
+    assert (name.net, name.extras_text) == (net, extras)
+    assert name.untuned().label == label.replace(" settings=tuned", "")
+
+
+def test_a_cell_s_name_reads_its_configuration_and_grid_values(write_grid):
+    text = GRID.replace("model.depth: [20, 56, 110]", "train.lr: [0.1, 0.05]")
+    text = text.replace("block: basic", "block: bottleneck, depth: 20")
+    grid = load_grid(write_grid(text.split("exclude:")[0]))
+    cell = next(c for c in grid.cells if c.label.startswith("plain") and c.config.seed == 1)
+    assert cell.name == CellName(
+        family="plain",
+        depth=20,
+        block="bottleneck",
+        order="post",
+        extras=(("train.lr", "0.1"),),
+        seed=1,
+    )
+    assert cell.label == cell.name.label == "plain-20 bottleneck post lr=0.1 s1"
+    tuned = Cell(cell.config, cell.varying, tuned=True)
+    assert tuned.label == "plain-20 bottleneck post lr=0.1 settings=tuned s1"
+    assert tuned.key == cell.key  # the marker names the run; the configuration is the same
 
 
 def test_keys_are_stable_and_ignore_where_data_lives(write_grid):

@@ -1,7 +1,9 @@
-"""`ablate run` end to end on a CPU: the MLflow record, reruns, kills, workers, a real server."""
+"""`ablate run` end to end on a CPU: the MLflow record, reruns, kills, workers, a real server;
+and the run engine's seams in-process (events, outcome, pool, one tracked training, writes)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from resnet_ablate import tracking
+from resnet_ablate.config import load_grid
+from resnet_ablate.engine import (
+    Hooks,
+    Outcome,
+    RunOptions,
+    Session,
+    Stop,
+    WorkerContext,
+    contexts,
+    open_session,
+    run_pool,
+    train_tracked,
+)
+from resnet_ablate.events import Crashed, Ended, Epoch, Skipped, Started
+from resnet_ablate.progress import GridProgress
+from resnet_ablate.runner import cell_job
+from resnet_ablate.train import CellResult, ExecOptions
 
 from .conftest import EXPERIMENTS, ablate, wait_for
 
@@ -327,3 +349,130 @@ def test_a_real_mlflow_server_as_tracking_uri(tmp_path, mlflow_server):
         assert "grad_flow.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "results" / "mlflow.db").exists()
     assert (tmp_path / "results" / "smoke" / "report.html").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The engine's seams, in-process: events, the outcome, the pool, one tracked training, and
+# chunked writes to a real store.
+
+
+def smoke_session(tmp_path: Path, **options) -> Session:
+    grid = load_grid(SMOKE, ["train.epochs=3"])
+    store = tracking.open_store(None, tmp_path / "results")
+    return open_session(grid, RunOptions(results=tmp_path / "results", **options), store)
+
+
+def test_the_outcome_counts_ends_and_crashes_into_the_exit_code():
+    outcome = Outcome()
+    outcome.record(Ended(0, "k1", "plain-8 basic post s0", "finished"))
+    outcome.record(Ended(0, "k2", "res-8 basic post s0", "diverged", "loss became nan"))
+    assert outcome.exit_code == 0 and not outcome.failures
+    outcome.record(Ended(1, "k3", "res-8 basic post s1", "failed", "RuntimeError: boom"))
+    assert outcome.exit_code == 1 and [e.key for e in outcome.failures] == ["k3"]
+    crashed = Outcome()
+    crashed.record(Crashed(1, "OSError: disk full"))
+    assert crashed.exit_code == 1 and crashed.crashes == ["OSError: disk full"]
+    crashed.interrupted = True
+    assert crashed.exit_code == 130
+
+
+def test_the_display_follows_the_events(tmp_path):
+    cell = load_grid(SMOKE).cells[0]
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    with GridProgress(
+        console, "smoke", [cell], done=1, total=2, done_states=tracking.DONE
+    ) as progress:
+        progress.update(Started(0, cell.key, cell.label, 3))
+        progress.update(Epoch(0, cell.key, 1, 42.0))
+        progress.update(Skipped(0, cell.key, 2))
+        progress.update(Ended(0, cell.key, cell.label, "finished"))
+        progress.update(Crashed(1, "OSError: disk full"))
+    assert progress.done == 2
+    overall = progress.progress.tasks[progress.overall]
+    assert overall.completed == pytest.approx(overall.total)  # 1 epoch + 2 skipped of 3
+    text = out.getvalue()
+    assert f"finished {cell.label}" in text and "worker 1 crashed: OSError: disk full" in text
+
+
+def emit_and_maybe_crash(ctx: WorkerContext, emit) -> None:
+    """A worker's work for the pool test: one training's events; worker 1 then crashes."""
+    emit(Started(ctx.worker, f"k{ctx.worker}", f"cell {ctx.worker}", 1))
+    emit(Epoch(ctx.worker, f"k{ctx.worker}", 1, 10.0))
+    emit(Ended(ctx.worker, f"k{ctx.worker}", f"cell {ctx.worker}", "finished"))
+    if ctx.worker == 1:
+        raise RuntimeError("lost the queue")
+
+
+def test_the_pool_relays_every_worker_s_events_and_crashes(tmp_path):
+    session = smoke_session(tmp_path)
+    shown: list = []
+    outcome = Outcome()
+    run_pool(contexts(session, 2), emit_and_maybe_crash, shown.append, outcome)
+    assert sorted(e.key for e in outcome.ended) == ["k0", "k1"]
+    assert outcome.crashes == ["RuntimeError: lost the queue"]
+    assert outcome.exit_code == 1 and not outcome.interrupted
+    assert sorted(type(e).__name__ for e in shown) == sorted(
+        ["Started", "Epoch", "Ended"] * 2 + ["Crashed"]
+    )
+
+
+def test_a_tracked_training_stops_early_and_records_what_ran(tmp_path, monkeypatch):
+    session = smoke_session(tmp_path)
+    events: list = []
+    worker = WorkerContext(session, 0, ExecOptions(device="cpu")).open(events.append)
+    cell = session.grid.cells[0]
+    job = cell_job(session, cell, None)
+
+    def stop_after_two(epoch: int, metrics) -> None:
+        if epoch == 2:
+            raise Stop("pruned", "enough after epoch 2")
+
+    ending = train_tracked(job, worker, Hooks(epoch=stop_after_two))
+    assert (ending.status, ending.reason) == ("pruned", "enough after epoch 2")
+    assert [type(e).__name__ for e in events] == ["Started", "Epoch", "Epoch", "Skipped", "Ended"]
+    assert events[3].epochs == 1 and events[-1].note == "enough after epoch 2"
+    client = MlflowClient(session.uri)
+    (run,) = cell_runs(client)
+    assert run.data.tags["ablate.status"] == "pruned" and run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id) == [1, 2]
+    assert not job.checkpoint.exists()  # ended for good: nothing to resume
+
+    # What actually ran (the trainer's tags) is set on the run when it ends.
+    def trainer(config, dataset, *, on_epoch, **_):
+        metrics = {"epoch": 1.0, "train_err": 50.0, "train_loss": 1.0}
+        metrics |= {"test_err": 40.0, "test_loss": 1.2}
+        on_epoch(1, metrics)
+        return CellResult("finished", [metrics], {}, tags={"ablate.step": "eager"})
+
+    monkeypatch.setattr("resnet_ablate.train.train_cell", trainer)
+    other = session.grid.cells[1]
+    ending = train_tracked(cell_job(session, other, None), worker)
+    assert ending.status == "finished" and ending.metrics["final_test_err"] == 40.0
+    run = tracking.cell_runs(worker.store, session.experiment_id)[other.key]
+    assert run.data.tags["ablate.step"] == "eager" and run.data.tags["ablate.status"] == "finished"
+
+
+def test_writes_are_chunked_to_mlflow_s_limits(tmp_path):
+    store = tracking.open_store(None, tmp_path)
+    experiment_id = store.experiment_id("chunks")
+    params = {f"p{i}": i for i in range(250)}  # MLflow takes 100 params a call
+    tags = {f"t{i}": str(i) for i in range(150)}
+    run_id = tracking.create_run(
+        store, experiment_id, tracking.RunSpec("many", "cell", tags=tags, params=params)
+    )
+    log = tracking.MetricLog(store, run_id)
+    for step in range(1, 1201):  # 2400 points: three calls of at most 1000
+        log.add({"a": step / 10, "b": -step}, step=step)
+    log.flush()
+    run = MlflowClient(store.uri).get_run(run_id)
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert {k: run.data.tags[k] for k in tags} == tags
+    assert run.data.tags["ablate.role"] == "cell" and run.data.tags["ablate.status"] == "running"
+    points = tracking.metric_points(store, [run_id], ["a", "b"])
+    assert len(points) == 2400 and {p.run_id for p in points} == {run_id}
+    assert sorted(p.step for p in points if p.key == "a") == list(range(1, 1201))
+    tracking.end_run(store, run_id, "diverged", "x" * 5000, tags={"extra": "1"})
+    run = MlflowClient(store.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and len(run.data.tags["ablate.reason"]) == 4000
+    assert run.data.tags["extra"] == "1"

@@ -25,11 +25,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from rich.console import Console
 
-from resnet_ablate import tune
 from resnet_ablate.cellqueue import reap_stale
 from resnet_ablate.config import load_grid
 from resnet_ablate.errors import UserError
 from resnet_ablate.train import CellResult
+from resnet_ablate.tune.budget import within_budget
+from resnet_ablate.tune.grid import apply_tuned, tune_grid
+from resnet_ablate.tune.studies import DIVERGED_SCORE, FINISHED, TrialScore, best_trial, targets
 
 from .conftest import EXPERIMENTS, ablate, wait_for
 
@@ -51,7 +53,7 @@ def studies(workdir: Path, overrides: list[str] | None = None):
     """{configuration label: (target, trials)} read back from the Optuna journal."""
     storage = journal(workdir)
     found = {}
-    for target in tune.targets(load_grid(SMOKE_TUNE, overrides or [])):
+    for target in targets(load_grid(SMOKE_TUNE, overrides or [])):
         study_id = storage.get_study_id_from_name(target.study)
         found[target.label] = (target, storage.get_all_trials(study_id))
     return found
@@ -100,7 +102,7 @@ def test_every_study_gets_exactly_its_budget(tuned):
             values = trial.user_attrs["values"]
             assert 0.01 <= values["train.lr"] <= 0.3
             assert values["train.weight_decay"] in (1.0e-4, 5.0e-4)
-            assert trial.user_attrs["status"] in tune.FINISHED
+            assert trial.user_attrs["status"] in FINISHED
             if trial.state == TrialState.COMPLETE:
                 assert sorted(trial.intermediate_values) == [1, 2]  # reported every epoch
                 assert trial.value == trial.intermediate_values[2]  # scored by the final epoch
@@ -243,7 +245,7 @@ def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
     client = client_for(tmp_path)
     run = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert run.data.tags["ablate.status"] == "killed" and run.info.status == "KILLED"
-    counted = [r for r in runs(client, "trial") if r.data.tags["ablate.status"] in tune.FINISHED]
+    counted = [r for r in runs(client, "trial") if r.data.tags["ablate.status"] in FINISHED]
     assert len(counted) == BUDGET
     (parent,) = runs(client, "tune")
     assert parent.data.tags["ablate.status"] == "finished"
@@ -300,7 +302,7 @@ class ChosenTrainer:
 
 
 def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, monkeypatch):
-    from resnet_ablate.runner import RunOptions
+    from resnet_ablate.engine import RunOptions
     from resnet_ablate.train import ExecOptions
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -314,18 +316,18 @@ def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, mon
     options = RunOptions(results=tmp_path / "results", exec=ExecOptions(device="cpu"))
     quiet = Console(file=io.StringIO())
 
-    first = tune.tune_grid(grid, options, quiet)  # trial 0 completes, trial 1 fails: stop
+    first = tune_grid(grid, options, quiet)  # trial 0 completes, trial 1 fails: stop
     assert trainer.calls == 2 and first.exit_code == 1
-    assert "out of memory" in first.failures[0]
-    second = tune.tune_grid(grid, options, quiet)  # trial 2 is interrupted
+    assert "out of memory" in first.failures[0].note
+    second = tune_grid(grid, options, quiet)  # trial 2 is interrupted
     assert second.interrupted and second.exit_code == 130
-    third = tune.tune_grid(grid, options, quiet)  # trials 3 (pruned), 4 (diverged), 5
+    third = tune_grid(grid, options, quiet)  # trials 3 (pruned), 4 (diverged), 5
     assert third.exit_code == 0 and trainer.calls == 6
     (state,) = third.states
     assert state.finished == 4 and state.best_number == 5 and state.best_value == 10.0
 
     storage = journal(tmp_path)
-    (target,) = tune.targets(grid)
+    (target,) = targets(grid)
     trials = storage.get_all_trials(storage.get_study_id_from_name(target.study))
     assert [t.state for t in trials] == [
         TrialState.COMPLETE,
@@ -343,7 +345,7 @@ def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, mon
         "diverged",
         "complete",
     ]
-    assert trials[4].value == tune.DIVERGED_SCORE
+    assert trials[4].value == DIVERGED_SCORE
 
     client = client_for(tmp_path)
     by_number = {int(r.data.tags["ablate.trial"]): r for r in runs(client, "trial")}
@@ -362,7 +364,7 @@ def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, mon
     assert parent.data.tags["ablate.status"] == "finished"
     assert parent.data.tags["ablate.best_trial"] == "5"
 
-    tuned_grid, settings = tune.apply_tuned(grid, results=tmp_path / "results", queue=None)
+    tuned_grid, settings = apply_tuned(grid, results=tmp_path / "results", queue=None)
     (cell,) = tuned_grid.cells
     assert cell.config.train.lr == trials[5].user_attrs["values"]["train.lr"]
     assert settings.startswith("tuned: best of 4 trials (train.lr=")
@@ -386,9 +388,9 @@ def test_budget_counts_finished_and_live_trials_only(tmp_path):
     study.tell(study.ask(), 1.0)  # 0: complete
     running(dead.pid)  # 1: its process is gone
     running(os.getpid())  # 2: alive (this process)
-    assert tune._within_budget(storage, study_id, 3, budget=3)
-    assert not tune._within_budget(storage, study_id, 3, budget=2)
-    assert not tune._within_budget(storage, study_id, 2, budget=1)  # trial 0 holds the slot
+    assert within_budget(storage, study_id, 3, budget=3)
+    assert not within_budget(storage, study_id, 3, budget=2)
+    assert not within_budget(storage, study_id, 2, budget=1)  # trial 0 holds the slot
     (reaped,) = reap_stale(storage, study_id)
     assert reaped.number == 1
     assert [t.state for t in storage.get_all_trials(study_id)] == [
@@ -423,4 +425,32 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, grid, needle):
 
 def test_apply_tuned_without_a_tune_section_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no tune: section"):
-        tune.apply_tuned(load_grid(EXPERIMENTS / "smoke.yaml"), results=tmp_path, queue=None)
+        apply_tuned(load_grid(EXPERIMENTS / "smoke.yaml"), results=tmp_path, queue=None)
+
+
+def test_the_best_trial_rule():
+    def trial(number, status, score=math.nan):
+        return TrialScore(number, status, score, {"train.lr": number / 10})
+
+    trials = [
+        trial(4, "complete", 5.0),  # lowest score, but beyond the first 3 finished
+        trial(0, "complete", 20.0),
+        trial(1, "failed"),  # does not count toward the budget
+        trial(2, "pruned", 1.0),  # counts, but has no score to compete with
+        trial(3, "diverged", DIVERGED_SCORE),
+        trial(5, "complete", 20.0),
+    ]
+    assert best_trial(trials, budget=3).number == 0  # 0, 2 and 3 are the first three
+    assert best_trial(trials, budget=4).number == 4
+    tie = [trial(7, "complete", 10.0), trial(6, "complete", 10.0)]
+    assert best_trial(tie, budget=2).number == 6  # the earliest on a tie
+    assert best_trial([trial(0, "pruned", 1.0)], budget=1) is None
+    assert best_trial([trial(0, "diverged", DIVERGED_SCORE)], budget=1).number == 0
+
+
+
+def test_study_keys_stay_those_of_existing_studies():
+    """A field added to the config later (data.normalize) leaves the study keys as they were
+    while at its original value, so an existing tune continues instead of starting again."""
+    found = targets(load_grid(SMOKE_TUNE))
+    assert [t.key for t in found] == ["a0f152d1310d", "fc98484511cd"]

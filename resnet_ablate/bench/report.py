@@ -11,22 +11,20 @@ when the report takes longer than --budget seconds. The helpers here also fill t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .. import tracking
-
-if TYPE_CHECKING:
-    from ..config import Cell, Grid
-    from ..tracking import Store
+from ..config import Cell, Grid, load_grid
+from ..report.report import build_report
+from ..tracking import Store
 
 #: Provenance that synthetic runs carry instead of the real one (no torch import, no git call).
 SYNTHETIC_PROVENANCE = {
@@ -35,17 +33,6 @@ SYNTHETIC_PROVENANCE = {
     "ablate.device": "synthetic",
     "ablate.precision": "fp32",
 }
-
-
-@contextlib.contextmanager
-def synthetic_provenance(tags: Mapping[str, str] = SYNTHETIC_PROVENANCE) -> Iterator[None]:
-    """Tag runs written inside the block with `tags` instead of this checkout's provenance."""
-    real = tracking.provenance
-    tracking.provenance = lambda: dict(tags)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        tracking.provenance = real  # type: ignore[assignment]
 
 
 def synthetic_curves(
@@ -93,16 +80,16 @@ def write_cell(
     macs: float = 125e6,
     seconds_per_epoch: float = 20.0,
     grad_flow: dict[str, Any] | None = None,
+    provenance: Mapping[str, str] = SYNTHETIC_PROVENANCE,
 ) -> str:
     """Write one cell's run as the runner would, with the given curves; return its run id."""
-    from mlflow.entities import Metric
-
-    run_id = tracking.start_cell_run(store, experiment_id, parent_id, cell, tags={})
+    spec = tracking.cell_run_spec(cell, parent_id, dict(provenance))
+    run_id = tracking.create_run(store, experiment_id, spec)
     tracking.log_metrics(store, run_id, {"model_params": params, "model_macs": macs}, step=0)
     tracking.log_json(store, run_id, "config.json", {"key": cell.key, "label": cell.label})
     epochs = len(curves["train_err"])
     t0 = int(time.time() * 1000)
-    batch = []
+    points = tracking.MetricLog(store, run_id)
     for i in range(epochs):
         values = {k: v[i] for k, v in curves.items()}
         values.setdefault("lr", 0.1)
@@ -110,10 +97,9 @@ def write_cell(
         values.setdefault("images_per_second", 50_000 / seconds_per_epoch)
         values.setdefault("train_loss", values["train_err"] / 40)
         values.setdefault("test_loss", values.get("test_err", math.nan) / 40)
-        batch += [Metric(k, float(v), t0 + 1000 * i, i + 1) for k, v in values.items()]
+        points.add(values, step=i + 1, timestamp_ms=t0 + 1000 * i)
     # One batch call per 1000 values: the record is the same as the runner's per-epoch batches.
-    for i in range(0, len(batch), 1000):
-        store.client.log_batch(run_id, metrics=batch[i : i + 1000])
+    points.flush()
     if status in ("finished", "diverged") and epochs:
         test = [v for v in curves.get("test_err", []) if math.isfinite(v)]
         final = {
@@ -132,14 +118,12 @@ def write_cell(
     if grad_flow is not None:
         tracking.log_json(store, run_id, "grad_flow.json", grad_flow)
     if status != "running":
-        tracking.end_cell_run(store, run_id, status, reason)
+        tracking.end_run(store, run_id, status, reason)
     return run_id
 
 
 def benchmark_grid(folder: Path, runs: int, epochs: int) -> Grid:
     """plain/residual × 5 depths × post/pre order, seeds enough for `runs` cells (CIFAR-10)."""
-    from ..config import load_grid
-
     seeds = max(1, math.ceil(runs / 20))
     path = folder / "bench-report.yaml"
     path.write_text(
@@ -162,16 +146,15 @@ def fill(store: Store, grid: Grid, runs: int, seed: int = 0) -> None:
     """Write synthetic runs for the first `runs` cells of the grid (the rest stay new)."""
     rng = np.random.default_rng(seed)
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
-    with synthetic_provenance():
-        parent = tracking.grid_run_id(store, experiment_id, grid)
-        for cell in grid.cells[:runs]:
-            m = cell.config.model
-            epochs = cell.config.train.epochs
-            final = 5.0 + 0.08 * m.depth if m.shortcut == "none" else 7.0 - 0.02 * m.depth
-            final += rng.normal(0, 0.2)
-            curves = synthetic_curves(final, final + 1.5, epochs, rng)
-            flow = synthetic_grad_flow(m.depth, m.shortcut, epochs)
-            write_cell(store, experiment_id, parent, cell, curves, grad_flow=flow)
+    parent = tracking.grid_run_id(store, experiment_id, grid, SYNTHETIC_PROVENANCE)
+    for cell in grid.cells[:runs]:
+        m = cell.config.model
+        epochs = cell.config.train.epochs
+        final = 5.0 + 0.08 * m.depth if m.shortcut == "none" else 7.0 - 0.02 * m.depth
+        final += rng.normal(0, 0.2)
+        curves = synthetic_curves(final, final + 1.5, epochs, rng)
+        flow = synthetic_grad_flow(m.depth, m.shortcut, epochs)
+        write_cell(store, experiment_id, parent, cell, curves, grad_flow=flow)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         fill(store, grid, args.runs)
         filled = time.perf_counter() - t0
         print(f"filled {args.runs} runs × {args.epochs} epochs in {filled:.1f} s")
-
-        from ..report import build_report
 
         t0 = time.perf_counter()
         store = tracking.open_store(tracking.default_uri(folder), folder)

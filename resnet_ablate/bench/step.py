@@ -501,7 +501,7 @@ def bench_step(
 
 def _commit() -> str:
     """The git commit of the code that made the numbers (`+dirty` when modified), if known."""
-    from ..tracking import provenance
+    from ..provenance import provenance
 
     return provenance().get("ablate.git_commit", "")
 
@@ -564,9 +564,9 @@ def _sweep_worker(job: _Job, index: int, ready: Any, results: Any) -> None:
     """One packed trainer, set up as `ablate run` sets up its worker `index` (the runner's
     options for it, then `setup_device`): warm up, wait for the others, step, report."""
     try:
-        from ..runner import _worker_exec
+        from ..engine import worker_exec
 
-        options = _worker_exec(ExecOptions(device=job.device), index, job.workers)
+        options = worker_exec(ExecOptions(device=job.device), index, job.workers)
         setup = setup_device(options)
         device = resolve_device(options.device)
         row = _trainer_row(

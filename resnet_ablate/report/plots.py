@@ -194,8 +194,8 @@ def gradient_norms(flows: pd.DataFrame) -> bytes:
             y="norm",
             hue="net",
             palette={
-                net: FAMILY_COLORS.get(net.rsplit("-", 1)[0], "#949494")
-                for net in frame["net"].unique()
+                net: FAMILY_COLORS.get(family, "#949494")
+                for net, family in zip(frame["net"], frame["family"], strict=True)
             },
             units="seed",
             estimator=None,

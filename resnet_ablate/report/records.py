@@ -1,25 +1,24 @@
 """What a grid left in MLflow, as tables: one row per grid cell, and the epoch curves.
 
-Everything is read from the tracking store (never from the trainer), so a report can be rebuilt at
-any time. Metric histories are read in bulk, one query per metric key for all runs, where the
-store allows it (the SQLAlchemy store behind ``sqlite:///``); elsewhere one call per run and key.
+Everything is read from the tracking store through ``tracking.py`` (never from the trainer), so a
+report can be rebuilt at any time. A cell's descriptive columns come from its structured name
+(``Cell.name``): the report never parses a label.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import pandas as pd
+from mlflow.entities import Run
 
-from ..config import _short as short_value
+from ..config import Cell, Grid
 from ..tracking import (
     TAG_LABEL,
     TAG_REASON,
@@ -27,17 +26,12 @@ from ..tracking import (
     Store,
     cell_runs,
     cell_status,
+    download_json,
+    find_experiment,
+    metric_points,
     ui_url,
 )
 
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-
-    from ..config import Cell, Grid
-
-_PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-#: Varying fields the label shows by name; the others are a cell's extras (`lr=0.05`).
-_SHOWN = {"model.shortcut", "model.depth", "model.block", "model.order", "model.arch", "seed"}
 #: Per-epoch metrics the report draws or summarises.
 CURVE_KEYS = ("train_err", "test_err")
 SPEED_KEY = "images_per_second"
@@ -104,27 +98,9 @@ class Records:
     provenance: dict[str, list[str]] = field(default_factory=dict)
 
 
-def label_parts(cell: Cell) -> dict[str, str]:
-    """A cell's network (`plain-56`), configuration (its label without the seed) and context.
-
-    The context is everything that is neither the shortcut kind, the depth nor the seed
-    (`basic post`, `bottleneck pre lr=0.05`): cells of one context differ only in those.
-    """
-    m = cell.config.model
-    tokens = cell.label.split(" ")
-    at = 1 if m.arch != "cifar" else 0
-    net = tokens[at]
-    context = tokens[:at] + tokens[at + 1 : -1]
-    return {
-        "net": net,
-        "config": " ".join(tokens[:-1]),
-        "context": " ".join(context),
-    }
-
-
 def load_records(grid: Grid, store: Store) -> Records:
     """Read the grid's experiment: every cell of the grid file, with its run when it has one."""
-    found = store.client.get_experiment_by_name(grid.name)
+    found = find_experiment(store, grid.name)
     if found is None or found.lifecycle_stage != "active":
         runs: dict[str, Run] = {}
         experiment_id = None
@@ -165,17 +141,15 @@ def _cell_row(
     tuned_fields: list[str],
 ) -> dict[str, Any]:
     m = cell.config.model
-    parts = label_parts(cell)
+    name = cell.name
     row: dict[str, Any] = {
-        "label": cell.label,
+        "label": name.label,
         "status": cell_status(run),
         "reason": "",
-        "config": parts["config"],
-        "context": parts["context"],
-        "net": f"{m.family}-{m.depth}",
-        "extras": " ".join(
-            f"{k.split('.')[-1]}={short_value(v)}" for k, v in cell.varying if k not in _SHOWN
-        ),
+        "config": name.config,
+        "context": name.context,
+        "net": name.net,
+        "extras": name.extras_text,
         "family": m.family,
         "shortcut": m.shortcut,
         "depth": m.depth,
@@ -240,19 +214,10 @@ def read_histories(store: Store, run_ids: list[str], keys: tuple[str, ...]) -> p
 
     When a step was logged twice (a resumed epoch), the later value wins.
     """
-    backend = getattr(getattr(store.client, "_tracking_client", None), "store", None)
-    bulk = getattr(backend, "get_metric_history_bulk", None)
-    records: list[tuple[str, str, int, float, int]] = []
-    for key in keys:
-        if bulk is not None:
-            for i in range(0, len(run_ids), 500):
-                chunk = run_ids[i : i + 500]
-                for m in bulk(chunk, key, max_results=2**31 - 1):
-                    records.append((m.run_id, key, m.step, m.value, m.timestamp))
-        else:
-            for run_id in run_ids:
-                for m in store.client.get_metric_history(run_id, key):
-                    records.append((run_id, key, m.step, m.value, m.timestamp))
+    records = [
+        (p.run_id, p.key, p.step, p.value, p.timestamp_ms)
+        for p in metric_points(store, run_ids, keys)
+    ]
     frame = pd.DataFrame(records, columns=["run_id", "key", "step", "value", "timestamp"])
     frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
     frame = frame.drop_duplicates(["run_id", "key", "step"], keep="last")
@@ -321,24 +286,9 @@ def load_grad_flow(store: Store, run_id: str, artifact_uri: str = "") -> dict[st
             path = Path(url2pathname(urlsplit(artifact_uri).path)) / "grad_flow.json"
             payload = json.loads(path.read_text(encoding="utf-8"))
         else:
-            payload = _download_json(store, run_id, "grad_flow.json")
+            payload = download_json(store, run_id, "grad_flow.json")
     except Exception:  # missing artifact, unreadable file: the report says so instead
         return None
     if not isinstance(payload, dict) or not payload.get("layers") or not payload.get("epochs"):
         return None
     return payload
-
-
-def _download_json(store: Store, run_id: str, name: str) -> Any:
-    """Fetch one small JSON artifact through the client (no progress bar on the terminal)."""
-    previous = os.environ.get(_PROGRESS)
-    os.environ[_PROGRESS] = "false"
-    try:
-        with tempfile.TemporaryDirectory(prefix="ablate-report-") as tmp:
-            path = store.client.download_artifacts(run_id, name, tmp)
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-    finally:
-        if previous is None:
-            os.environ.pop(_PROGRESS, None)
-        else:
-            os.environ[_PROGRESS] = previous

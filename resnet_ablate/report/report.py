@@ -21,20 +21,19 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import jinja2
 import pandas as pd
 
+from ..config import SECTIONS, CellConfig, Grid
+from ..tracking import Store
 from . import plots
-from .records import Records, label_parts, load_grad_flow, load_records
+from .records import Records, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
 from .tuning import Tuning, finished_trials, load_tuning
 from .verdicts import config_name, gradient_summary, judge, p_text
-
-if TYPE_CHECKING:
-    from ..config import Grid
-    from ..tracking import Store
 
 #: summary.csv: one row per cell; the run's numbers are empty for cells without a run.
 SUMMARY_COLUMNS = [
@@ -141,8 +140,8 @@ def headline_context(grid: Grid) -> str:
     for cell in grid.cells:
         chosen = dict(cell.varying)
         if all(str(chosen[a]) == str(v) for a, v in preferred.items()):
-            return label_parts(cell)["context"]
-    return label_parts(grid.cells[0])["context"]
+            return cell.name.context
+    return grid.cells[0].name.context
 
 
 def summarise(cells: pd.DataFrame) -> pd.DataFrame:
@@ -212,12 +211,13 @@ def _grad_flows(store: Store, cells: pd.DataFrame, context: str) -> pd.DataFrame
             payload = load_grad_flow(store, cell.run_id, cell.artifact_uri)
             if payload is None:
                 continue
-            net = f"{cell.family}-{cell.depth}"
             when = payload.get("when") or {}
             for epoch, norms in payload["epochs"].items():
                 note = str(when.get(epoch, ""))
                 for layer, norm in enumerate(norms):
-                    rows.append((net, cell.family, cell.seed, int(epoch), note, layer, float(norm)))
+                    rows.append(
+                        (cell.net, cell.family, cell.seed, int(epoch), note, layer, float(norm))
+                    )
     columns = ["net", "family", "seed", "epoch", "when", "layer", "norm"]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
@@ -337,8 +337,6 @@ def _write_figures(figures: list[Figure], folder: Path) -> None:
 
 
 def _provenance(grid: Grid, store: Store, records: Records) -> dict[str, Any]:
-    from ..config import SECTIONS, CellConfig
-
     base = CellConfig.model_validate({s: dict(getattr(grid.spec.base, s)) for s in SECTIONS})
     resolved = base.model_dump(mode="json")
     resolved.pop("seed", None)
@@ -376,8 +374,6 @@ def _without_password(uri: str) -> str:
 
 def render(values: dict[str, Any]) -> str:
     """The HTML page; jinja2 escapes every value (descriptions, tags and labels included)."""
-    import jinja2
-
     env = jinja2.Environment(
         autoescape=True,
         undefined=jinja2.StrictUndefined,

@@ -2,37 +2,35 @@
 the trial history, and whether the verdicts change between default and tuned settings.
 
 `ablate tune` leaves one tuning run per configuration (``ablate.role=tune``) and one run per
-trial under it (``ablate.role=trial``, ``ablate.suggested``, ``objective``); see ``tune.py``. The
-best trial is chosen here as Optuna chooses it: the lowest objective among complete (and
-diverged) trials, the earliest on a tie. With the best values the report rebuilds the tuned
-cells (``tune.tuned_grid``), finds their runs by key, and computes every verdict twice.
+trial under it (``ablate.role=trial``, ``ablate.suggested``, ``objective``); see ``tune/``. The
+best trial is chosen by the rule ``ablate tune`` itself applies (``studies.best_trial``), here
+from the trial runs. With the best values the report rebuilds the tuned cells
+(``studies.tuned_grid``), finds their runs by key, and computes every verdict twice.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
+from mlflow.entities import Run
 
-from .. import tune
+from ..config import CellName, Grid, TuneSpec, VerdictSpec
 from ..tracking import (
     TAG_KEY,
     TAG_REASON,
     TAG_STATUS,
+    Store,
     runs_with_role,
     ui_url,
 )
+from ..tune import studies
 from .records import Records, load_records
 from .verdicts import judge
-
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-
-    from ..config import Grid, VerdictSpec
-    from ..tracking import Store
 
 
 @dataclass
@@ -60,8 +58,8 @@ def load_tuning(
     if grid.spec.tune is None:
         return None
     spec = grid.spec.tune
-    default = tune.default_grid(grid)
-    found = tune.targets(default)
+    default = studies.default_grid(grid)
+    found = studies.targets(default)
     experiment_id = records.experiment_id
     tuning_runs, trial_runs = _runs(store, experiment_id)
     frames, rows, best = [], [], {}
@@ -77,8 +75,8 @@ def load_tuning(
     first_seeds = sorted({t.base.config.seed for t in found})
     result = Tuning(
         budget=spec.trials,
-        method=tune.describe_method(spec, epochs),
-        space=tune.describe_space(spec),
+        method=studies.describe_method(spec, epochs),
+        space=studies.describe_space(spec),
         seeds_note=(
             "One study per configuration: all seeds of a configuration share its tuned values, "
             f"and its trials train with seed {', '.join(map(str, first_seeds))}, the grid's "
@@ -89,7 +87,7 @@ def load_tuning(
         complete=len(best) == len(found),
     )
     if result.complete:
-        tuned = tune.tuned_grid(default, best)
+        tuned = studies.tuned_grid(default, best)
         _compare(result, grid, default, tuned, store, records, context)
     elif any(r["finished"] for r in rows):
         result.comparison_note = (
@@ -119,7 +117,7 @@ def _runs(store: Store, experiment_id: str | None) -> tuple[dict[str, Run], dict
 
 
 def _trial_table(
-    target: tune.Target, runs: list[Run], store: Store, experiment_id: str | None
+    target: studies.Target, runs: list[Run], store: Store, experiment_id: str | None
 ) -> pd.DataFrame:
     """One row per trial run of a study: its number, status, score and suggested values."""
     rows = []
@@ -129,17 +127,17 @@ def _trial_table(
         if status in ("complete", "diverged"):
             score = metrics.get("objective", math.nan)
         elif status == "pruned":
-            score = metrics.get(tune.METRIC, math.nan)  # its last epoch's validation error
+            score = metrics.get(studies.METRIC, math.nan)  # its last epoch's validation error
         else:
             score = math.nan
         try:
-            values = json.loads(tags.get(tune.TAG_SUGGESTED, "{}"))
+            values = json.loads(tags.get(studies.TAG_SUGGESTED, "{}"))
         except json.JSONDecodeError:
             values = {}
         rows.append(
             {
                 "configuration": target.label,
-                "trial": int(tags.get(tune.TAG_TRIAL, -1)),
+                "trial": int(tags.get(studies.TAG_TRIAL, -1)),
                 "score": float(score),
                 "status": status,
                 "values": values,
@@ -153,19 +151,24 @@ def _trial_table(
 
 
 def _row(
-    target: tune.Target,
+    target: studies.Target,
     trials: pd.DataFrame,
     tuning_run: Run | None,
-    spec: Any,
+    spec: TuneSpec,
     store: Store,
     experiment_id: str | None,
 ) -> dict[str, Any]:
     """A configuration's line: trials by status, its best trial and values, the defaults."""
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    finished = sum(int(counts.get(s, 0)) for s in tune.FINISHED)
-    counted = trials[trials["status"].isin(tune.FINISHED)].head(spec.trials)  # as tune.py
-    scored = counted[counted["status"].isin(["complete", "diverged"]) & counted["score"].notna()]
-    best = scored.sort_values(["score", "trial"]).iloc[0] if len(scored) else None
+    finished = sum(int(counts.get(s, 0)) for s in studies.FINISHED)
+    best = studies.best_trial(
+        (
+            studies.TrialScore(int(t.trial), str(t.status), float(t.score), t.values)
+            for t in trials.itertuples()
+        ),
+        spec.trials,
+    )
+    url = trials.loc[trials["trial"] == best.number, "url"].iloc[0] if best else ""
     train = target.base.config.train
     defaults = {name: getattr(train, name.split(".", 1)[1]) for name in spec.params}
     return {
@@ -173,14 +176,16 @@ def _row(
         "key": target.key,
         "finished": finished,
         "counts": ", ".join(
-            f"{int(counts[s])} {s}" for s in (*tune.FINISHED, "failed", "killed") if counts.get(s)
+            f"{int(counts[s])} {s}"
+            for s in (*studies.FINISHED, "failed", "killed")
+            if counts.get(s)
         ),
-        "best_trial": int(best["trial"]) if best is not None else None,
-        "best_score": float(best["score"]) if best is not None else math.nan,
-        "best_values": dict(best["values"]) if best is not None else None,
-        "best_text": tune.values_text(best["values"]) if best is not None else "",
-        "best_url": best["url"] if best is not None else "",
-        "defaults": tune.values_text(defaults),
+        "best_trial": best.number if best else None,
+        "best_score": best.score if best else math.nan,
+        "best_values": dict(best.values) if best else None,
+        "best_text": studies.values_text(best.values) if best else "",
+        "best_url": url,
+        "defaults": studies.values_text(defaults),
         "url": ui_url(store.uri, experiment_id or "", tuning_run.info.run_id) if tuning_run else "",
     }
 
@@ -221,9 +226,10 @@ def _compare(
             f"be compared; run {' and '.join(commands[m] for m in missing)}."
         )
         return
-    where = _context(context) if context is not None else None
-    before = verdict_map(default_records.cells, grid.spec.verdicts, where)
-    after = verdict_map(tuned_records.cells, grid.spec.verdicts, where)
+    names = {c.key: c.name for c in (*default.cells, *tuned.cells)}
+    where = _untuned_context(names.values(), context)
+    before = verdict_map(default_records.cells, names, grid.spec.verdicts, where)
+    after = verdict_map(tuned_records.cells, names, grid.spec.verdicts, where)
     rows = []
     for key in list(before) + [k for k in after if k not in before]:
         a, b = before.get(key), after.get(key)
@@ -253,19 +259,27 @@ def _compare(
         )
 
 
-def _context(text: str) -> str:
-    return " ".join(t for t in str(text).split(" ") if t != tune.TUNED_TOKEN)
+def _untuned_context(names: Iterable[CellName], context: str | None) -> str | None:
+    """The headline context as default and tuned cells share it (without the tuned marker)."""
+    for name in names:
+        if name.context == context:
+            return name.untuned().context
+    return context
 
 
 def verdict_map(
-    cells: pd.DataFrame, spec: VerdictSpec, context: str | None
+    cells: pd.DataFrame,
+    names: Mapping[str, CellName],
+    spec: VerdictSpec,
+    context: str | None,
 ) -> dict[tuple[str, str], dict[str, str]]:
     """Every verdict the report draws from a cell table, keyed so that default and tuned cells
-    match: (kind, subject) -> outcome and the numbers behind it."""
+    match (their names without the tuned marker): (kind, subject) -> outcome and numbers."""
+    untuned = cells["key"].map(lambda key: names[key].untuned())
     cells = cells.assign(
-        context=cells["context"].map(_context),
-        config=cells["config"].map(_context),
-        extras=cells["extras"].map(_context),
+        context=untuned.map(lambda n: n.context),
+        config=untuned.map(lambda n: n.config),
+        extras=untuned.map(lambda n: n.extras_text),
     )
     verdicts = judge(cells, spec, context=context)
     found: dict[tuple[str, str], dict[str, str]] = {}
@@ -282,4 +296,4 @@ def verdict_map(
 def finished_trials(tuning: Tuning) -> pd.DataFrame:
     """The finished trials with a score, for the history figure."""
     frame = tuning.trials
-    return frame[frame["status"].isin(tune.FINISHED) & frame["score"].notna()]
+    return frame[frame["status"].isin(studies.FINISHED) & frame["score"].notna()]

@@ -1,0 +1,470 @@
+"""The run engine shared by `ablate run` and `ablate tune`: one tracked training, and the pool
+of workers that run them.
+
+Three seams, each in one place:
+
+- ``train_tracked(job, worker, hooks)`` owns a training's life in MLflow: it creates the run
+  (or reopens an interrupted one), logs every epoch once, records the end (finished, diverged,
+  or what a hook decides), a crash (failed, with its traceback) or Ctrl-C (killed, then
+  re-raised), and emits the typed events of ``events.py``. A grid cell and a tuning trial are
+  both a ``Job``; what differs is data (``blind``, ``full_record``, the run's spec) and three
+  optional ``Hooks`` (the run exists; an epoch is done, where ``Stop`` ends it early; how a
+  completed training is scored).
+- ``run_pool(contexts, work, show, outcome)`` runs ``work(context, emit)`` on every worker
+  context: in this process for one worker, else one spawned process each, relaying their
+  events to ``outcome.record`` and ``show`` (the display). Ctrl-C reaches the workers too; they
+  record their runs as killed, and the pool marks the outcome interrupted (exit code 130).
+- ``open_session(grid, options, store)`` is the grid's place in the record (its experiment and
+  parent run) that every worker context carries.
+
+What a command adds on top is how work is claimed: the cell queue (``runner.py``) or Optuna's
+ask within a budget (``tune/``). Events are plain data, so the display (``progress.py``) and
+the outcome never import this module's callers.
+
+Where coming work plugs in:
+
+- One parent run per grid across machines: ``open_session`` is the only place the parent is
+  found or created; with a shared ``--queue`` it can take the parent's id from the queue's
+  storage (first writer wins) instead of searching MLflow. Every worker gets it via `Session`.
+- A parent run whose status tells the truth: ``open_session`` marks it running, and a closing
+  counterpart after the pool (``run_grid``, ``tune_grid``) ends it from the ``Outcome``
+  (interrupted: KILLED, failures or crashes: FAILED, else FINISHED) with summary metrics.
+- Rounds of cells (more seeds where a verdict is open): ``runner.run_round`` enqueues cells and
+  runs the pool into the same outcome; call it again with the new cells (and a session whose
+  grid holds them).
+- Points within an epoch: ``_EpochLog`` holds a ``tracking.MetricLog``; a trainer callback
+  ``on_progress(iteration, metrics)`` adds points to it (step = iteration) and they go out in
+  the same chunked calls as the epoch's metrics.
+- A dead worker's cell taken over: a claim returns a cell whose run is ``running``;
+  ``runner.cell_job`` turns it into a ``Job`` with ``resume``, and the engine continues that
+  run from the checkpoint without logging an epoch twice.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import queue as stdqueue
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import tracking, train
+from .config import Cell, CellConfig, DataSpec, Grid
+from .data import Dataset, load_dataset
+from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
+from .models import build_model, describe
+from .provenance import provenance
+
+INTERRUPTED = "interrupted (Ctrl-C); rerun to resume"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a grid (none of this changes what a cell computes)."""
+
+    results: Path = Path("results")
+    tracking_uri: str | None = None
+    queue: str | None = None
+    workers: int = 1
+    exec: train.ExecOptions | None = None
+    settings: str = "default"
+
+
+# --------------------------------------------------------------------------------------------
+# Data, once per process.
+
+_DATASETS: dict[DataSpec, Dataset] = {}
+
+
+def dataset_for(spec: DataSpec) -> Dataset:
+    """The dataset of a spec, loaded on first use and kept for the process's later cells."""
+    if spec not in _DATASETS:
+        _DATASETS[spec] = load_dataset(spec)
+    return _DATASETS[spec]
+
+
+def check_data(cells: Iterable[Cell]) -> None:
+    """Load every dataset the cells need, so a missing one fails before anything starts."""
+    for spec in {cell.config.data for cell in cells}:
+        dataset_for(spec)
+
+
+def blind(dataset: Dataset) -> Dataset:
+    """The dataset as a tuning trial sees it: its test split replaced by the validation split."""
+    assert dataset.val is not None, "tune sections require data.val_split"
+    return replace(dataset, test=dataset.val)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid's session and the workers' contexts.
+
+
+@dataclass(frozen=True)
+class Session:
+    """A grid being run, as every worker sees it: the grid, how it runs, where it is recorded.
+
+    Runs nest under the grid's parent run, or under the run `parents` gives for their key (a
+    tuning trial under its study's tuning run).
+    """
+
+    grid: Grid
+    options: RunOptions
+    uri: str
+    experiment_id: str
+    parent_id: str
+    parents: Mapping[str, str] = field(default_factory=dict)
+
+
+def open_session(grid: Grid, options: RunOptions, store: tracking.Store) -> Session:
+    """The grid's experiment and parent run (created on first use)."""
+    experiment_id = store.experiment_id(grid.name, grid.spec.description)
+    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance())
+    return Session(grid, options, store.uri, experiment_id, parent_id)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A worker as a training sees it: its number, device options, open store and events."""
+
+    number: int
+    exec: train.ExecOptions
+    store: tracking.Store
+    experiment_id: str
+    emit: Emit
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker starts from (picklable: it crosses a process boundary)."""
+
+    session: Session
+    worker: int
+    exec: train.ExecOptions
+
+    def open(self, emit: Emit) -> Worker:
+        """Open the store in this process and make the worker."""
+        store = tracking.open_store(self.session.uri, self.session.options.results)
+        return Worker(self.worker, self.exec, store, self.session.experiment_id, emit)
+
+
+def contexts(session: Session, workers: int) -> list[WorkerContext]:
+    """One context per worker: GPUs shared round-robin; on a CPU the cores split between them."""
+    options = session.options.exec or train.ExecOptions()
+    return [WorkerContext(session, i, worker_exec(options, i, workers)) for i in range(workers)]
+
+
+def worker_exec(options: train.ExecOptions, worker: int, workers: int) -> train.ExecOptions:
+    """A worker's device options: the GPUs round-robin; on a CPU, the cores shared."""
+    if options.device in ("auto", "cuda") and torch.cuda.is_available():
+        return replace(options, device=f"cuda:{worker % torch.cuda.device_count()}")
+    if workers > 1 and options.threads is None:
+        return replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# One tracked training.
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training to run and record: a grid cell, or a tuning trial.
+
+    ``blind``: the validation split stands in for the test split and no metric about the test
+    split is logged (a trial). ``full_record``: a cell's whole record: model size and
+    ``config.json`` when the run is new; ``tracking_seconds``, ``final_metrics.json`` and
+    ``grad_flow.json`` at the end. ``resume`` is the run of an interrupted training to continue
+    (its epochs already logged are not logged again); ``checkpoint`` is where the trainer keeps
+    its state, removed once the training has ended for good.
+    """
+
+    key: str  # the cell's key (a trial: its study's base cell)
+    label: str
+    config: CellConfig
+    run: tracking.RunSpec
+    resume: str | None = None
+    checkpoint: Path | None = None
+    blind: bool = False
+    full_record: bool = True
+    interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a training ended: its status and reason, its final metrics, and the note the
+    display shows (the reason unless given)."""
+
+    status: str
+    reason: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    note: str | None = None
+
+
+class Stop(Exception):  # noqa: N818 - it is an instruction, not an error
+    """Raised by an epoch hook to end the training early as `status` (a pruned trial)."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+EpochHook = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller adds to a training, each optional: `started(run_id)` once the run exists;
+    `epoch(epoch, metrics)` after each epoch is logged (raise ``Stop`` to end early);
+    `finish(result)` says how a completed training is recorded (default: as the trainer says)."""
+
+    started: Callable[[str], None] | None = None
+    epoch: EpochHook | None = None
+    finish: Callable[[train.CellResult], Ending] | None = None
+
+
+class _EpochLog:
+    """The trainer's `on_epoch`: log each epoch once, time the logging, tell the display."""
+
+    def __init__(self, job: Job, worker: Worker, run_id: str, hook: EpochHook | None):
+        self.job, self.worker, self.hook = job, worker, hook
+        self.metrics = tracking.MetricLog(worker.store, run_id)
+        self.logged = tracking.logged_steps(worker.store, run_id) if job.resume else set()
+        self.seconds = 0.0  # spent writing to the store
+        self.reached = 0
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        if epoch not in self.logged:
+            self.metrics.add(_visible(metrics, self.job.blind), step=epoch)
+            self.metrics.flush()
+            self.logged.add(epoch)
+        self.seconds += time.perf_counter() - t0
+        self.reached = epoch
+        train_err = metrics.get("train_err", math.nan)
+        self.worker.emit(Epoch(self.worker.number, self.job.key, epoch, train_err))
+        if self.hook is not None:
+            self.hook(epoch, metrics)
+
+
+def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
+    """Train `job` into its MLflow run and return how it ended.
+
+    A crash is recorded as failed and returned; Ctrl-C is recorded as killed and re-raised.
+    """
+    store = worker.store
+    run_id = _open_run(job, worker)
+    if hooks.started is not None:
+        hooks.started(run_id)
+    epochs = _EpochLog(job, worker, run_id, hooks.epoch)
+    worker.emit(Started(worker.number, job.key, job.label, job.config.train.epochs))
+    try:
+        dataset = dataset_for(job.config.data)
+        if job.blind:
+            dataset = blind(dataset)
+        if job.full_record and job.resume is None:
+            _record_model(store, run_id, job, dataset)
+        result = train.train_cell(
+            job.config,
+            dataset,
+            key=job.key,
+            options=worker.exec,
+            checkpoint=job.checkpoint,
+            on_epoch=epochs,
+        )
+    except Stop as stop:
+        tracking.end_run(store, run_id, stop.status, stop.reason)
+        _remove(job.checkpoint)
+        left = job.config.train.epochs - epochs.reached
+        worker.emit(Skipped(worker.number, job.key, left))
+        return _ended(job, worker, Ending(stop.status, stop.reason))
+    except KeyboardInterrupt:
+        tracking.end_run(store, run_id, "killed", job.interrupted)
+        _ended(job, worker, Ending("killed", job.interrupted))
+        raise
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        tracking.log_text(store, run_id, "traceback.txt", traceback.format_exc())
+        tracking.end_run(store, run_id, "failed", reason)
+        return _ended(job, worker, Ending("failed", reason))
+    return _ended(job, worker, _record_end(job, worker, run_id, result, epochs.seconds, hooks))
+
+
+def _open_run(job: Job, worker: Worker) -> str:
+    """Reopen the interrupted run, or create one tagged with provenance and the device."""
+    if job.resume is not None:
+        tags = {tracking.TAG_STATUS: "running", tracking.TAG_REASON: ""}
+        return tracking.reopen_run(worker.store, job.resume, tags)
+    runtime = train.resolve_runtime(worker.exec)
+    device = {tracking.TAG_DEVICE: runtime.describe(), tracking.TAG_PRECISION: runtime.precision}
+    spec = replace(job.run, tags={**provenance(), **device, **job.run.tags})
+    return tracking.create_run(worker.store, worker.experiment_id, spec)
+
+
+def _record_model(store: tracking.Store, run_id: str, job: Job, dataset: Dataset) -> None:
+    """Model size (step 0) and the resolved configuration, when a cell's run is new."""
+    model = build_model(job.config.model, dataset.in_channels, dataset.num_classes)
+    info = describe(model, (dataset.in_channels, dataset.image_size, dataset.image_size))
+    sizes = {"model_params": info.params, "model_macs": info.macs}
+    tracking.log_metrics(store, run_id, sizes, step=0)
+    config = {"key": job.key, "label": job.label, **job.config.model_dump(mode="json")}
+    tracking.log_json(store, run_id, "config.json", config)
+
+
+def _record_end(
+    job: Job,
+    worker: Worker,
+    run_id: str,
+    result: train.CellResult,
+    tracking_seconds: float,
+    hooks: Hooks,
+) -> Ending:
+    """Final metrics, artifacts and tags of a training that reached its end; the run ends."""
+    store = worker.store
+    ending = hooks.finish(result) if hooks.finish else Ending(result.status, result.reason)
+    final = _visible(result.final, job.blind) | dict(ending.metrics)
+    if job.full_record:
+        final["tracking_seconds"] = tracking_seconds
+    tracking.log_metrics(store, run_id, final, step=len(result.history))
+    if job.full_record:
+        tracking.log_json(store, run_id, "final_metrics.json", final | {"status": result.status})
+        tracking.log_json(store, run_id, "grad_flow.json", result.grad_flow)
+    tags = dict(result.tags)
+    if result.resumed_from:
+        tags[tracking.TAG_RESUMED] = str(result.resumed_from)
+    tracking.end_run(store, run_id, ending.status, ending.reason, tags)
+    _remove(job.checkpoint)
+    return replace(ending, metrics=final)
+
+
+def _visible(metrics: Mapping[str, float], blind: bool) -> dict[str, float]:
+    """The metrics a run logs: not the epoch number (it is the step), and for a blind run
+    nothing about the test split (whose place the validation split took)."""
+    return {k: v for k, v in metrics.items() if k != "epoch" and not (blind and "test" in k)}
+
+
+def _ended(job: Job, worker: Worker, ending: Ending) -> Ending:
+    note = ending.reason if ending.note is None else ending.note
+    worker.emit(Ended(worker.number, job.key, job.label, ending.status, note))
+    return ending
+
+
+def _remove(checkpoint: Path | None) -> None:
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The worker pool.
+
+
+@dataclass
+class Outcome:
+    """What the workers did, from their events: for the exit code and the closing lines."""
+
+    ended: list[Ended] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def record(self, event: Event) -> None:
+        if isinstance(event, Ended):
+            self.ended.append(event)
+        elif isinstance(event, Crashed):
+            self.crashes.append(event.error)
+
+    @property
+    def failures(self) -> list[Ended]:
+        return [e for e in self.ended if e.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C; 1 if a training failed or a worker crashed; else 0."""
+        if self.interrupted:
+            return 130
+        return 1 if self.failures or self.crashes else 0
+
+
+Work = Callable[[WorkerContext, Emit], None]
+
+
+def run_pool(contexts: Sequence[WorkerContext], work: Work, show: Emit, outcome: Outcome) -> None:
+    """Run `work(context, emit)` for every context (a module-level function, so it pickles):
+    in this process for one, else one spawned process each. Every event goes to
+    `outcome.record`, then to `show`. Ctrl-C marks the outcome interrupted."""
+
+    def handle(event: Event) -> None:
+        outcome.record(event)
+        show(event)
+
+    try:
+        if len(contexts) == 1:
+            work(contexts[0], handle)
+        else:
+            _run_processes(contexts, work, handle)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+
+
+def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:
+    """Entry point of a worker process: `work(ctx, emit)`, its events sent to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        work(ctx, events.put)
+    except KeyboardInterrupt:
+        pass
+    except Exception as err:
+        events.put(Crashed(ctx.worker, f"{type(err).__name__}: {err}"))
+    finally:
+        events.put(Exited(ctx.worker))
+
+
+def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) -> None:
+    """Start one process per context and relay their events until all have exited."""
+    ctx = mp.get_context("spawn")
+    events: mp.Queue = ctx.Queue()
+    processes = [
+        ctx.Process(target=_worker_main, args=(c, events, work), daemon=False) for c in contexts
+    ]
+    for process in processes:
+        process.start()
+    running = len(processes)
+    try:
+        while running:
+            try:
+                event = events.get(timeout=0.5)
+            except stdqueue.Empty:
+                if not any(p.is_alive() for p in processes):
+                    break
+                continue
+            if isinstance(event, Exited):
+                running -= 1
+            else:
+                handle(event)
+    except KeyboardInterrupt:
+        # The workers got the same SIGINT: let them record their runs as killed.
+        for process in processes:
+            process.join(timeout=30)
+        _drain(events, handle)
+        raise
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+    _drain(events, handle)
+
+
+def _drain(events: mp.Queue, handle: Emit) -> None:
+    while True:
+        try:
+            event = events.get_nowait()
+        except (stdqueue.Empty, OSError, ValueError):
+            return
+        if not isinstance(event, Exited):
+            handle(event)
