@@ -448,7 +448,6 @@ def test_the_best_trial_rule():
     assert best_trial([trial(0, "diverged", DIVERGED_SCORE)], budget=1).number == 0
 
 
-
 def test_study_keys_stay_those_of_existing_studies():
     """A field added to the config later (data.normalize) leaves the study keys as they were
     while at its original value, so an existing tune continues instead of starting again."""
