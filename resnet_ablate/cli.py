@@ -92,9 +92,9 @@ def run(
         _dry_run(grid, results, tracking_uri)
         return
 
+    from .device import ExecOptions
     from .engine import RunOptions
     from .runner import run_grid
-    from .train import ExecOptions
 
     options = RunOptions(
         results=results,
@@ -370,8 +370,8 @@ def tune(
 
     grid = _grid(grid_file, set_)
     tune_spec(grid)  # a grid without one fails before the heavy imports
+    from .device import ExecOptions
     from .engine import RunOptions
-    from .train import ExecOptions
     from .tune.grid import tune_grid
 
     options = RunOptions(

@@ -6,9 +6,9 @@ same device, all in this one process:
 - **standard loop**: a torchvision ``DataLoader`` over PIL images with ``RandomCrop(padding)`` +
   ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (the pipeline of ``bench/loader.py``),
   ``.to(device)``, fp32, NCHW, eager, ``torch.optim.SGD``: ``zero_grad``, ``backward``, ``step``.
-- **this trainer**: the step ``train.build_step`` builds, the one ``train_cell`` trains with
-  (``train.GraphStep`` with a CUDA graph, after the process's graph self-check), in a process set
-  up by ``train.setup_device`` as ``ablate run`` sets up its workers (cuDNN benchmark mode on a
+- **this trainer**: the step ``step.build_step`` builds, the one ``train_cell`` trains with
+  (``step.GraphStep`` with a CUDA graph, after the process's graph self-check), in a process set
+  up by ``device.setup_device`` as ``ablate run`` sets up its workers (cuDNN benchmark mode on a
   GPU: process-wide, so the standard loop has it too, which can only flatter it), with each speed
   feature switchable:
 
@@ -59,20 +59,17 @@ from torch import nn
 
 from ..config import Block, DatasetName, DataSpec, ModelSpec, Order, TrainSpec
 from ..data import Dataset, DeviceLoader, load_dataset, make_synthetic
-from ..errors import UserError
-from ..models import build_model, describe
-from ..train import (
-    TAG_STEP,
+from ..device import (
     ExecOptions,
     Runtime,
-    Step,
-    build_step,
     device_name,
-    graph_status,
     resolve_device,
     resolve_runtime,
     setup_device,
 )
+from ..errors import UserError
+from ..models import build_model, describe
+from ..step import TAG_STEP, Step, build_step, graph_status
 from .loader import standard_loader
 
 FEATURES = ("resident", "bf16", "channels_last", "cuda_graph", "compile")
