@@ -326,7 +326,7 @@ def bench(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Training images/s of one step: this trainer, feature by feature, vs the standard loop."""
-    from .bench.step import command
+    from .bench.tables import command
 
     command(
         model=model,

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_ablate.bench.step import bench_step, workers_sweep
+from resnet_ablate.bench.step import bench_step
+from resnet_ablate.bench.sweep import workers_sweep
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
 from resnet_ablate.device import ExecOptions, resolve_runtime, setup_device
