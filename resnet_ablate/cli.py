@@ -92,9 +92,9 @@ def run(
         _dry_run(grid, results, tracking_uri)
         return
 
+    from .device import ExecOptions
     from .engine import RunOptions
     from .runner import run_grid
-    from .train import ExecOptions
 
     options = RunOptions(
         results=results,
@@ -326,7 +326,7 @@ def bench(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Training images/s of one step: this trainer, feature by feature, vs the standard loop."""
-    from .bench.step import command
+    from .bench.tables import command
 
     command(
         model=model,
@@ -370,8 +370,8 @@ def tune(
 
     grid = _grid(grid_file, set_)
     tune_spec(grid)  # a grid without one fails before the heavy imports
+    from .device import ExecOptions
     from .engine import RunOptions
-    from .train import ExecOptions
     from .tune.grid import tune_grid
 
     options = RunOptions(

@@ -58,6 +58,7 @@ import torch
 from . import tracking, train
 from .config import Cell, CellConfig, DataSpec, Grid
 from .data import Dataset, load_dataset
+from .device import ExecOptions, resolve_runtime
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
 from .provenance import provenance
@@ -73,7 +74,7 @@ class RunOptions:
     tracking_uri: str | None = None
     queue: str | None = None
     workers: int = 1
-    exec: train.ExecOptions | None = None
+    exec: ExecOptions | None = None
     settings: str = "default"
 
 
@@ -134,7 +135,7 @@ class Worker:
     """A worker as a training sees it: its number, device options, open store and events."""
 
     number: int
-    exec: train.ExecOptions
+    exec: ExecOptions
     store: tracking.Store
     experiment_id: str
     emit: Emit
@@ -146,7 +147,7 @@ class WorkerContext:
 
     session: Session
     worker: int
-    exec: train.ExecOptions
+    exec: ExecOptions
 
     def open(self, emit: Emit) -> Worker:
         """Open the store in this process and make the worker."""
@@ -156,11 +157,11 @@ class WorkerContext:
 
 def contexts(session: Session, workers: int) -> list[WorkerContext]:
     """One context per worker: GPUs shared round-robin; on a CPU the cores split between them."""
-    options = session.options.exec or train.ExecOptions()
+    options = session.options.exec or ExecOptions()
     return [WorkerContext(session, i, worker_exec(options, i, workers)) for i in range(workers)]
 
 
-def worker_exec(options: train.ExecOptions, worker: int, workers: int) -> train.ExecOptions:
+def worker_exec(options: ExecOptions, worker: int, workers: int) -> ExecOptions:
     """A worker's device options: the GPUs round-robin; on a CPU, the cores shared."""
     if options.device in ("auto", "cuda") and torch.cuda.is_available():
         return replace(options, device=f"cuda:{worker % torch.cuda.device_count()}")
@@ -301,7 +302,7 @@ def _open_run(job: Job, worker: Worker) -> str:
     if job.resume is not None:
         tags = {tracking.TAG_STATUS: "running", tracking.TAG_REASON: ""}
         return tracking.reopen_run(worker.store, job.resume, tags)
-    runtime = train.resolve_runtime(worker.exec)
+    runtime = resolve_runtime(worker.exec)
     device = {tracking.TAG_DEVICE: runtime.describe(), tracking.TAG_PRECISION: runtime.precision}
     spec = replace(job.run, tags={**provenance(), **device, **job.run.tags})
     return tracking.create_run(worker.store, worker.experiment_id, spec)

@@ -143,7 +143,7 @@ BENCH=("$PY" -m resnet_ablate bench --model "$MODEL" --batch "$BATCH" --device "
 # shellcheck disable=SC2206  # BENCH_ARGS is a list of options, split on spaces
 EXTRA=($BENCH_ARGS)
 step bench 110 "$OUT/bench.json" "${BENCH[@]}" --features "$FEATURES" --each --json "${EXTRA[@]}" &&
-  "$PY" -m resnet_ablate.bench.step "$OUT/bench.json" >"$OUT/bench.txt" 2>>"$LOG"
+  "$PY" -m resnet_ablate.bench.tables "$OUT/bench.json" >"$OUT/bench.txt" 2>>"$LOG"
 
 # 3. A packed smoke grid of real cells, end to end through `ablate run` and MLflow.
 fmnist=""
@@ -207,7 +207,7 @@ EOF
 # 4. N trainers at once, as `ablate run --workers N` starts them.
 step sweep 75 "$OUT/sweep.json" "${BENCH[@]}" --features "$FEATURES" --workers-sweep "$WORKERS" \
   --pack processes --seconds "$SWEEP_SECONDS" --json "${EXTRA[@]}" &&
-  "$PY" -m resnet_ablate.bench.step "$OUT/sweep.json" >"$OUT/sweep.txt" 2>>"$LOG"
+  "$PY" -m resnet_ablate.bench.tables "$OUT/sweep.json" >"$OUT/sweep.txt" 2>>"$LOG"
 
 # 5. The models' CUDA tests (torch.compile's inductor takes its time): last.
 step cuda-model-tests 75 "$OUT/cuda-model-tests.txt" "$PY" -m pytest -q -rs -p no:cacheprovider \

@@ -20,8 +20,8 @@ from resnet_ablate.bench.step import (
     parse_features,
     parse_model,
     plan_rows,
-    workers_sweep,
 )
+from resnet_ablate.bench.sweep import workers_sweep
 from resnet_ablate.config import DataSpec
 from resnet_ablate.data import load_dataset
 from resnet_ablate.errors import UserError

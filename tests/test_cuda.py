@@ -16,26 +16,26 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_ablate import train
-from resnet_ablate.bench.step import bench_step, workers_sweep
+from resnet_ablate.bench.step import bench_step
+from resnet_ablate.bench.sweep import workers_sweep
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
+from resnet_ablate.device import ExecOptions, resolve_runtime, setup_device
 from resnet_ablate.models import build_model
-from resnet_ablate.train import (
+from resnet_ablate.step import (
+    SELF_CHECK_STEPS,
     TAG_GRAPH_FALLBACK,
     TAG_STEP,
-    ExecOptions,
     GraphStep,
     Step,
+    _check_batches,
     build_step,
     compare_to_eager,
     graph_self_check,
     graph_status,
     make_optimizer,
-    resolve_runtime,
-    setup_device,
-    train_cell,
 )
+from resnet_ablate.train import train_cell
 
 pytestmark = [
     pytest.mark.cuda,
@@ -49,7 +49,7 @@ TINY = "plain-8-w4"
 @pytest.fixture(autouse=True)
 def fresh_verdicts(monkeypatch):
     """Each test starts as a new process would: no verdict on CUDA graphs yet."""
-    monkeypatch.setattr(train, "_graph_verdicts", {})
+    monkeypatch.setattr("resnet_ablate.step._graph_verdicts", {})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_the_self_check_catches_a_graph_that_replays_a_stale_batch(synthetic):
     twin = copy.deepcopy(model)
     eager = Step(model, make_optimizer(model, spec, runtime), runtime)
     broken = StaleInputGraph(twin, make_optimizer(twin, spec, runtime), runtime)
-    batches = train._check_batches(synthetic, runtime, 64, train.SELF_CHECK_STEPS)
+    batches = _check_batches(synthetic, runtime, 64, SELF_CHECK_STEPS)
     lrs = [0.1 * (0.5 if i % 2 else 1.0) for i in range(len(batches))]
     assert compare_to_eager(eager, broken, batches, lrs).startswith("self-check: ")
 
@@ -178,7 +178,7 @@ def test_a_failed_capture_falls_back_once_and_restores_the_stream(synthetic):
     runtime = resolve_runtime(GRAPH)
     model = HostSync().to(CUDA)
     step = GraphStep(model, make_optimizer(model, TrainSpec(), runtime), runtime)
-    batches = train._check_batches(synthetic, runtime, 32, GraphStep.WARMUP_STEPS + 2)
+    batches = _check_batches(synthetic, runtime, 32, GraphStep.WARMUP_STEPS + 2)
     stream = torch.cuda.current_stream()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,8 +19,8 @@ import pytest
 
 from resnet_ablate import tracking
 from resnet_ablate.report import build_report
+from resnet_ablate.report.gradient_flow import gradient_summary, sci
 from resnet_ablate.report.records import load_grad_flow, read_histories
-from resnet_ablate.report.verdicts import gradient_summary, sci
 from tests.report_browser import Chromium, find_chromium
 from tests.report_store import PROVENANCE, Plan, make_grid, populate
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from resnet_ablate import tracking
 from resnet_ablate.config import load_grid
+from resnet_ablate.device import ExecOptions
 from resnet_ablate.engine import (
     Hooks,
     Outcome,
@@ -34,7 +35,7 @@ from resnet_ablate.engine import (
 from resnet_ablate.events import Crashed, Ended, Epoch, Skipped, Started
 from resnet_ablate.progress import GridProgress
 from resnet_ablate.runner import cell_job
-from resnet_ablate.train import CellResult, ExecOptions
+from resnet_ablate.train import CellResult
 
 from .conftest import EXPERIMENTS, ablate, wait_for
 

@@ -13,37 +13,35 @@ import warnings
 import pytest
 import torch
 
-from resnet_ablate import train
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import DeviceLoader, load_dataset
-from resnet_ablate.errors import UserError
-from resnet_ablate.models import build_model, main_path_convs
-from resnet_ablate.train import (
-    TAG_DEVICE,
-    TAG_GRAPH_FALLBACK,
-    TAG_STEP,
+from resnet_ablate.device import (
     ExecOptions,
     Runtime,
-    SteadyClock,
-    Step,
-    build_step,
-    compare_to_eager,
-    gradient_norms,
-    graph_status,
-    graph_verdict,
-    load_checkpoint,
-    load_optimizer_state,
-    lr_at,
-    make_optimizer,
-    plain_optimizer_state,
     plan_device,
     resolve_device,
     resolve_runtime,
-    restored_stream,
     setup_device,
-    train_cell,
+)
+from resnet_ablate.errors import UserError
+from resnet_ablate.models import build_model, main_path_convs
+from resnet_ablate.step import (
+    SELF_CHECK_STEPS,
+    TAG_DEVICE,
+    TAG_GRAPH_FALLBACK,
+    TAG_STEP,
+    Step,
+    build_step,
+    compare_to_eager,
+    graph_status,
+    graph_verdict,
+    load_optimizer_state,
+    make_optimizer,
+    plain_optimizer_state,
+    restored_stream,
     turn_graph_off,
 )
+from resnet_ablate.train import SteadyClock, gradient_norms, load_checkpoint, lr_at, train_cell
 
 CPU = ExecOptions(device="cpu")
 #: fp32 on the CPU: bit-reproducible, so two equal steps agree exactly.
@@ -323,7 +321,7 @@ def check_batches(synthetic):
     loader = DeviceLoader(
         synthetic.train, batch_size=32, mean=synthetic.mean, std=synthetic.std, train=False
     )
-    batches = [b for _, b in zip(range(train.SELF_CHECK_STEPS), loader.epoch(0), strict=False)]
+    batches = [b for _, b in zip(range(SELF_CHECK_STEPS), loader.epoch(0), strict=False)]
     lrs = [0.1 * (0.5 if i % 2 else 1.0) for i in range(len(batches))]
     return batches, lrs
 
@@ -358,7 +356,7 @@ def test_the_self_check_names_a_step_that_differs(check_batches, kind, says):
 @pytest.fixture
 def fresh_verdicts(monkeypatch):
     """This process's verdicts on CUDA graphs, empty for the test and restored after it."""
-    monkeypatch.setattr(train, "_graph_verdicts", {})
+    monkeypatch.setattr("resnet_ablate.step._graph_verdicts", {})
 
 
 def test_the_verdict_is_checked_once_and_a_failure_warns_once(fresh_verdicts):

@@ -302,8 +302,8 @@ class ChosenTrainer:
 
 
 def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, monkeypatch):
+    from resnet_ablate.device import ExecOptions
     from resnet_ablate.engine import RunOptions
-    from resnet_ablate.train import ExecOptions
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 

@@ -17,17 +17,9 @@ from scipy import stats as sps
 
 from resnet_ablate import stats
 from resnet_ablate.config import GridError, VerdictSpec, load_grid
-from resnet_ablate.report.verdicts import (
-    NOT_REPRODUCED,
-    REPRODUCED,
-    UNDECIDED,
-    Configuration,
-    PairVerdict,
-    Verdicts,
-    judge,
-    p_text,
-    undecided_configs,
-)
+from resnet_ablate.report.comparisons import NOT_REPRODUCED, REPRODUCED, UNDECIDED, PairVerdict
+from resnet_ablate.report.sides import Configuration, p_text
+from resnet_ablate.report.verdicts import Verdicts, judge, undecided_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = {"none": "plain", "identity": "res", "projection": "res-proj"}

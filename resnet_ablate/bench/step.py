@@ -6,9 +6,9 @@ same device, all in this one process:
 - **standard loop**: a torchvision ``DataLoader`` over PIL images with ``RandomCrop(padding)`` +
   ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (the pipeline of ``bench/loader.py``),
   ``.to(device)``, fp32, NCHW, eager, ``torch.optim.SGD``: ``zero_grad``, ``backward``, ``step``.
-- **this trainer**: the step ``train.build_step`` builds, the one ``train_cell`` trains with
-  (``train.GraphStep`` with a CUDA graph, after the process's graph self-check), in a process set
-  up by ``train.setup_device`` as ``ablate run`` sets up its workers (cuDNN benchmark mode on a
+- **this trainer**: the step ``step.build_step`` builds, the one ``train_cell`` trains with
+  (``step.GraphStep`` with a CUDA graph, after the process's graph self-check), in a process set
+  up by ``device.setup_device`` as ``ablate run`` sets up its workers (cuDNN benchmark mode on a
   GPU: process-wide, so the standard loop has it too, which can only flatter it), with each speed
   feature switchable:
 
@@ -30,49 +30,39 @@ images/s and the spread (min to max) of the repeats. Speed is measured here, nev
 JSON records the device set-up, and a row whose CUDA graph fell back to eager says so (``step``,
 ``note``).
 
-:func:`workers_sweep` instead packs N trainers (all features on) onto the device at once, either
-as ``ablate run --workers N`` does (``pack="processes"``: one process each, GPUs and CPU threads
-split by the runner's own rule) or as N models on N CUDA streams of one process
-(``pack="streams"``), and reports their aggregate images/s against one standard loop.
+
+N trainers packed onto the device at once are ``bench/sweep.py``'s; the tables and the
+``ablate bench`` command are ``bench/tables.py``'s.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import multiprocessing as mp
 import os
 import re
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
 import torch
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from ..config import Block, DatasetName, DataSpec, ModelSpec, Order, TrainSpec
 from ..data import Dataset, DeviceLoader, load_dataset, make_synthetic
-from ..errors import UserError
-from ..models import build_model, describe
-from ..train import (
-    TAG_STEP,
+from ..device import (
     ExecOptions,
     Runtime,
-    Step,
-    build_step,
     device_name,
-    graph_status,
     resolve_device,
     resolve_runtime,
     setup_device,
 )
+from ..errors import UserError
+from ..models import build_model, describe
+from ..step import TAG_STEP, Step, build_step, graph_status
 from .loader import standard_loader
 
 FEATURES = ("resident", "bf16", "channels_last", "cuda_graph", "compile")
@@ -224,7 +214,7 @@ def plan_rows(features: Sequence[str], device: torch.device, each: bool = False)
 
 
 @dataclass
-class _Row:
+class Row:
     spec: RowSpec
     run: Callable[[], None]
     settle: int  # untimed steps before each repeat: drains what a DataLoader prefetched
@@ -268,7 +258,7 @@ def _model(spec: ModelSpec, dataset: Dataset, device: torch.device) -> nn.Module
 
 def _standard_row(
     row: RowSpec, spec: ModelSpec, dataset: Dataset, batch: int, device: torch.device, workers: int
-) -> _Row:
+) -> Row:
     """The tutorial's loop: DataLoader+PIL, fp32, NCHW, eager, torch.optim.SGD."""
     hyper = TrainSpec(batch_size=batch)
     model = _model(spec, dataset, device)
@@ -288,12 +278,12 @@ def _standard_row(
         loss.backward()
         optimizer.step()
 
-    return _Row(row, run, settle=1 + 2 * workers)  # 2: the DataLoader's prefetch per worker
+    return Row(row, run, settle=1 + 2 * workers)  # 2: the DataLoader's prefetch per worker
 
 
-def _trainer_row(
+def trainer_row(
     row: RowSpec, spec: ModelSpec, dataset: Dataset, batch: int, device: torch.device, workers: int
-) -> _Row:
+) -> Row:
     """`train_cell`'s step (`build_step`) with the row's features, fed as the features say."""
     runtime = _runtime(device, row.features)
     hyper = TrainSpec(batch_size=batch)
@@ -322,13 +312,13 @@ def _trainer_row(
         step.set_lr(hyper.lr)  # as train_cell does every step (a device-side fill in a graph)
         step(x, y)
 
-    return _Row(row, run, settle, step=step)
+    return Row(row, run, settle, step=step)
 
 
 def _build(
     row: RowSpec, spec: ModelSpec, dataset: Dataset, batch: int, device: torch.device, workers: int
-) -> _Row:
-    make = _standard_row if row.standard else _trainer_row
+) -> Row:
+    make = _standard_row if row.standard else trainer_row
     return make(row, spec, dataset, batch, device, workers)
 
 
@@ -336,14 +326,14 @@ def _build(
 # Timing.
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _timed(run: Callable[[], None], steps: int, device: torch.device) -> float:
     """Seconds for `steps` calls, device work included: CUDA events on a GPU, else a clock."""
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -359,19 +349,19 @@ def _timed(run: Callable[[], None], steps: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _warm(row: _Row, steps: int, device: torch.device) -> None:
+def warm(row: Row, steps: int, device: torch.device) -> None:
     """Run the warm-up steps (compilation and graph capture happen here) and time them."""
     if row.step is not None:  # past the step's own warm-up (eager steps, capture, compiling)
         steps = max(steps, row.step.warmup_steps + 1)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         row.run()
-    _sync(device)
+    sync(device)
     row.warmup_seconds, row.warmup_steps = time.perf_counter() - t0, steps
 
 
-def _summary(row: _Row, batch: int, baseline: float | None) -> dict[str, Any]:
+def _summary(row: Row, batch: int, baseline: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": row.spec.name,
         "features": list(row.spec.features),
@@ -395,12 +385,14 @@ def _summary(row: _Row, batch: int, baseline: float | None) -> dict[str, Any]:
     }
 
 
-def _defaults(device: torch.device, steps: int | None, repeats: int | None, warmup: int | None):
+def timing_defaults(
+    device: torch.device, steps: int | None, repeats: int | None, warmup: int | None
+):
     gpu = device.type == "cuda"
     return (steps or (50 if gpu else 6), repeats or (5 if gpu else 3), warmup or (10 if gpu else 2))
 
 
-def _resolve(
+def resolve_args(
     model: str | ModelSpec,
     device: str | torch.device,
     dataset: str | Dataset,
@@ -438,22 +430,22 @@ def bench_step(
     "headline"}.
     """
     say = progress or (lambda message: None)
-    spec, device, data, chosen = _resolve(model, device, dataset, features)
+    spec, device, data, chosen = resolve_args(model, device, dataset, features)
     setup = setup_device(ExecOptions(device=str(device)))
-    steps, repeats, warmup = _defaults(device, steps, repeats, warmup)
+    steps, repeats, warmup = timing_defaults(device, steps, repeats, warmup)
     workers = default_loader_workers(device) if loader_workers is None else loader_workers
     if len(data.train) < batch:
         raise UserError(f"--batch {batch} is larger than the {len(data.train)} training images")
     info = describe(build_model(spec, data.in_channels, data.num_classes), data.train.x.shape[1:])
-    load_before = _load()
+    load_before = load_average()
 
     plan = plan_rows(list(chosen), device, each)
-    rows = [_Row(r, lambda: None, 0) if r.skipped else None for r in plan]
+    rows = [Row(r, lambda: None, 0) if r.skipped else None for r in plan]
     for i, r in enumerate(plan):
         if not r.skipped:
             say(f"warming up: {r.name}")
             rows[i] = _build(r, spec, data, batch, device, workers)
-            _warm(rows[i], warmup, device)
+            warm(rows[i], warmup, device)
     live = [row for row in rows if row is not None and not row.spec.skipped]
     for repeat in range(repeats):
         say(f"repeat {repeat + 1}/{repeats}")
@@ -485,7 +477,7 @@ def bench_step(
         "steps": steps,
         "repeats": repeats,
         "warmup": warmup,
-        "load_average": {"before": load_before, "after": _load()},
+        "load_average": {"before": load_before, "after": load_average()},
         "rows": summaries,
         "headline": None
         if best is None
@@ -506,420 +498,8 @@ def _commit() -> str:
     return provenance().get("ablate.git_commit", "")
 
 
-def _load() -> float | None:
+def load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-# --------------------------------------------------------------------------------------------
-# Packing: N trainers on one device at once.
-
-
-class _Throttle:
-    """Keeps the host at most `depth` steps ahead of the GPU without draining its queue."""
-
-    def __init__(self, device: torch.device, depth: int = 8) -> None:
-        self.cuda = device.type == "cuda"
-        self.events: deque[torch.cuda.Event] = deque()
-        self.depth = depth
-
-    def __call__(self) -> None:
-        if not self.cuda:
-            return
-        event = torch.cuda.Event()
-        event.record()
-        self.events.append(event)
-        if len(self.events) > self.depth:
-            self.events.popleft().synchronize()
-
-
-@dataclass(frozen=True)
-class _Job:
-    spec: ModelSpec
-    dataset: Dataset
-    batch: int
-    device: str
-    features: tuple[str, ...]
-    warmup: int
-    seconds: float
-    workers: int
-
-
-@dataclass(frozen=True)
-class Packed:
-    """What one packed trainer did: images over [start, end] on the monotonic clock (comparable
-    between processes), or the error that stopped it; its process's device set-up."""
-
-    worker: int
-    start: float
-    end: float
-    images: int
-    error: str = ""
-    setup: dict[str, Any] = field(default_factory=dict)
-
-
-def _sweep_worker(job: _Job, index: int, ready: Any, results: Any) -> None:
-    """One packed trainer, set up as `ablate run` sets up its worker `index` (the runner's
-    options for it, then `setup_device`): warm up, wait for the others, step, report."""
-    try:
-        from ..engine import worker_exec
-
-        options = worker_exec(ExecOptions(device=job.device), index, job.workers)
-        setup = setup_device(options)
-        device = resolve_device(options.device)
-        row = _trainer_row(
-            RowSpec("packed", job.features), job.spec, job.dataset, job.batch, device, 0
-        )
-        _warm(row, job.warmup, device)
-        ready.wait(timeout=900)
-        images, t0, t1 = _run_for(row, job.seconds, job.batch, device)
-        results.put(Packed(index, t0, t1, images, setup=setup.record()))
-    except BaseException as err:  # reported by the parent, which must not wait forever
-        results.put(Packed(index, 0.0, 0.0, 0, f"{type(err).__name__}: {err}"))
-
-
-def _run_for(
-    row: _Row,
-    seconds: float,
-    images_per_call: int,
-    device: torch.device,
-    throttle: Callable[[], None] | None = None,
-) -> tuple[int, float, float]:
-    """Call `row.run` until `seconds` have passed; (images, start, end) on the monotonic clock
-    (comparable between processes), the end taken once the device has finished every step."""
-    throttle = throttle or _Throttle(device)
-    _sync(device)
-    t0 = time.monotonic()
-    images = 0
-    while time.monotonic() - t0 < seconds:
-        row.run()
-        throttle()
-        images += images_per_call
-    _sync(device)
-    return images, t0, time.monotonic()
-
-
-def _packed_processes(job: _Job, n: int) -> list[Packed]:
-    """N processes, one trainer each, started together behind a barrier."""
-    ctx = mp.get_context("spawn")
-    ready, results = ctx.Barrier(n), ctx.Queue()
-    job = _Job(**{**job.__dict__, "workers": n})
-    processes = [ctx.Process(target=_sweep_worker, args=(job, i, ready, results)) for i in range(n)]
-    for process in processes:
-        process.start()
-    out: list[Packed] = []
-    try:
-        for _ in range(n):
-            out.append(results.get(timeout=900))
-            if out[-1].error:
-                ready.abort()  # a failed worker must not leave the others at the barrier
-    finally:
-        for process in processes:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.terminate()
-    return out
-
-
-def _packed_streams(job: _Job, n: int) -> list[Packed]:
-    """N trainers in this process, each on its own CUDA stream, stepped round-robin (on a CPU
-    they simply take turns)."""
-    device = resolve_device(job.device)
-    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(n)]
-
-    def on(stream: torch.cuda.Stream | None) -> AbstractContextManager[Any]:
-        return torch.cuda.stream(stream) if stream is not None else nullcontext()
-
-    rows, throttles = [], []
-    for stream in streams:
-        with on(stream):
-            row = _trainer_row(
-                RowSpec("packed", job.features), job.spec, job.dataset, job.batch, device, 0
-            )
-            _warm(row, job.warmup, device)
-        rows.append(row)
-        throttles.append(_Throttle(device))
-
-    def round_robin() -> None:
-        for stream, row, throttle in zip(streams, rows, throttles, strict=True):
-            with on(stream):
-                row.run()
-                throttle()  # records on this stream
-
-    together = _Row(RowSpec("streams"), round_robin, 0)
-    images, t0, t1 = _run_for(together, job.seconds, job.batch * n, device, lambda: None)
-    return [Packed(0, t0, t1, images)]
-
-
-def workers_sweep(
-    model: str | ModelSpec = "plain-56",
-    *,
-    counts: Sequence[int] = (1, 2, 4, 8),
-    pack: str = "processes",
-    batch: int = 128,
-    device: str | torch.device = "auto",
-    dataset: str | Dataset = "synthetic",
-    features: Sequence[str] | str | None = None,
-    seconds: float | None = None,
-    warmup: int | None = None,
-    loader_workers: int | None = None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Aggregate images/s of N trainers at once for each N in `counts`, against the standard
-    loop (one process, timed as in :func:`bench_step`).
-
-    Returns {"model", "dataset", "batch", "device", "pack", "features", "seconds",
-    "standard_images_per_second", "device_setup", "graph_fallback", "points": [{"workers",
-    "images_per_second" (aggregate: all images over the span from the first start to the last
-    end), "per_worker", "scaling" (vs the first count), "ratio" (vs the standard loop), "error",
-    "setups" (each worker process's device set-up; empty for streams: the parent's)}]}.
-    """
-    if pack not in ("processes", "streams"):
-        raise UserError(f"--pack {pack}: choose processes or streams")
-    if not counts or min(counts) < 1:
-        raise UserError("--workers-sweep: give worker counts of at least 1, e.g. 1,2,4,8")
-    say = progress or (lambda message: None)
-    spec, device, data, chosen = _resolve(model, device, dataset, features)
-    runnable = tuple(f for f in chosen if f not in CUDA_ONLY or device.type == "cuda")
-    steps, repeats, warmup = _defaults(device, None, None, warmup)
-    seconds = seconds or (8.0 if device.type == "cuda" else 4.0)
-
-    say("timing the standard loop")
-    standard = bench_step(
-        spec,
-        batch=batch,
-        device=device,
-        dataset=data,
-        features=[],
-        steps=steps,
-        repeats=repeats,
-        warmup=warmup,
-        loader_workers=loader_workers,
-    )
-    baseline = standard["rows"][0]["images_per_second"]
-    job = _Job(spec, data, batch, str(device), runnable, warmup, seconds, 1)
-    points = []
-    for n in counts:
-        say(f"{n} trainer(s) at once ({pack})")
-        results = (_packed_processes if pack == "processes" else _packed_streams)(job, n)
-        error = "; ".join(f"worker {r.worker}: {r.error}" for r in results if r.error)
-        setups = [r.setup for r in sorted(results, key=lambda r: r.worker) if r.setup]
-        if error:
-            points.append(
-                {"workers": n, "images_per_second": None, "error": error, "setups": setups}
-            )
-            continue
-        span = max(r.end for r in results) - min(r.start for r in results)
-        rate = sum(r.images for r in results) / span
-        points.append(
-            {
-                "workers": n,
-                "images_per_second": rate,
-                "per_worker": rate / n,
-                "error": "",
-                "setups": setups,
-            }
-        )
-    first = next((p["images_per_second"] for p in points if p["images_per_second"]), None)
-    for point in points:
-        rate = point["images_per_second"]
-        point["scaling"] = rate / first if rate and first else None
-        point["ratio"] = rate / baseline if rate else None
-    return {
-        "model": model_label(spec),
-        "dataset": data.name,
-        "batch": batch,
-        "device": str(device),
-        "device_name": device_name(device),
-        "device_setup": standard["device_setup"],
-        "graph_fallback": graph_status(device),
-        "torch": torch.__version__,
-        "pack": pack,
-        "features": list(runnable),
-        "seconds": seconds,
-        "standard_images_per_second": baseline,
-        "load_average": _load(),
-        "points": points,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Output: a rich table and a headline, or JSON; the `ablate bench` command.
-
-
-def _rate(value: float | None) -> str:
-    return "" if value is None else f"{value:,.0f}"
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def step_table(result: dict[str, Any]) -> Table:
-    """The rows of :func:`bench_step` as a table: what each configuration trains per second."""
-    c, h, w = result["shape"]
-    title = (
-        f"{result['model']} ({result['params'] / 1e6:.2f}M params, {result['macs'] / 1e6:.0f}M "
-        f"MACs), {result['dataset']} {c}x{h}x{w}, batch {result['batch']}, "
-        f"{result['device_name']}, torch {result['torch']}: median of {result['repeats']} x "
-        f"{result['steps']} steps after {result['warmup']} warm-up steps"
-    )
-    table = Table(title=title, title_justify="left")
-    table.add_column("config")
-    table.add_column("features")
-    for column in ("images/s", "spread", "vs standard", "compile/capture s"):
-        table.add_column(column, justify="right")
-    for row in result["rows"]:
-        if row["standard"]:
-            features = (
-                f"DataLoader+PIL ({_plural(result['loader_workers'], 'worker')}), fp32, NCHW, "
-                "eager, torch.optim.SGD"
-            )
-        else:
-            features = ", ".join(row["features"])
-        if row.get("skipped"):
-            reason = f"{features} [dim](skipped: {row['skipped']})[/]"
-            table.add_row(row["name"], reason, "[dim]skipped[/]", "", "", "")
-            continue
-        note = f" [yellow]({row['note']})[/]" if row["note"] else ""
-        table.add_row(
-            row["name"],
-            features + note,
-            _rate(row["images_per_second"]),
-            f"±{row['spread_pct'] / 2:.0f}%",
-            f"{row['ratio']:.2f}x",
-            f"{row['setup_seconds']:.1f}",
-        )
-    return table
-
-
-def headline(result: dict[str, Any]) -> str:
-    best = result["headline"]
-    if best is None:
-        return "Only the standard loop was timed: no trainer features were asked for."
-    return (
-        f"{best['name']}: {best['ratio']:.2f}x the standard loop "
-        f"({best['images_per_second']:,.0f} vs {best['standard_images_per_second']:,.0f} "
-        f"images/s; load average {result['load_average']['before']} before, "
-        f"{result['load_average']['after']} after)"
-    )
-
-
-def sweep_table(result: dict[str, Any]) -> Table:
-    title = (
-        f"{result['model']}, {result['dataset']}, batch {result['batch']}, "
-        f"{result['device_name']}: N trainers at once ({result['pack']}, "
-        f"{', '.join(result['features'])}), {result['seconds']:g} s each; standard loop "
-        f"{result['standard_images_per_second']:,.0f} images/s"
-    )
-    table = Table(title=title, title_justify="left")
-    table.add_column("workers", justify="right")
-    for column in ("images/s (all)", "per worker", "vs 1st", "vs standard"):
-        table.add_column(column, justify="right")
-    for point in result["points"]:
-        if point["images_per_second"] is None:
-            table.add_row(str(point["workers"]), f"[red]failed[/]: {point['error']}", "", "", "")
-            continue
-        table.add_row(
-            str(point["workers"]),
-            _rate(point["images_per_second"]),
-            _rate(point["per_worker"]),
-            f"{point['scaling']:.2f}x",
-            f"{point['ratio']:.2f}x",
-        )
-    return table
-
-
-def parse_counts(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise UserError(f"--workers-sweep {text}: give worker counts of at least 1, e.g. 1,2,4,8")
-    return counts
-
-
-def command(
-    *,
-    model: str,
-    batch: int,
-    device: str,
-    dataset: str,
-    steps: int | None,
-    repeats: int | None,
-    warmup: int | None,
-    features: str | None,
-    each: bool,
-    loader_workers: int | None,
-    workers_sweep_counts: str | None,
-    pack: str,
-    seconds: float | None,
-    as_json: bool,
-    out: Console,
-    err: Console,
-) -> None:
-    """`ablate bench`: checks the arguments, times, then prints JSON or a table and a headline."""
-    spec = parse_model(model)  # a wrong label fails before anything is loaded
-    counts = parse_counts(workers_sweep_counts) if workers_sweep_counts is not None else None
-    resolved = resolve_device(device)
-    chosen = parse_features(features, resolved)
-    data = bench_dataset(dataset)
-
-    def say(message: str) -> None:
-        err.print(f"[dim]{message}[/]", highlight=False)
-
-    common = dict(batch=batch, device=resolved, dataset=data, features=chosen, warmup=warmup)
-    if counts is not None:
-        result = workers_sweep(
-            spec,
-            counts=counts,
-            pack=pack,
-            seconds=seconds,
-            loader_workers=loader_workers,
-            progress=say,
-            **common,
-        )
-    else:
-        result = bench_step(
-            spec,
-            each=each,
-            steps=steps,
-            repeats=repeats,
-            loader_workers=loader_workers,
-            progress=say,
-            **common,
-        )
-    if as_json:
-        print(json.dumps(result, indent=2))
-    elif counts is not None:
-        out.print(sweep_table(result))
-    else:
-        out.print(step_table(result))
-        out.print(headline(result), highlight=False)
-
-
-def show(paths: Sequence[str], console: Console | None = None) -> None:
-    """Print the table of each saved `ablate bench --json` result (bench or sweep)."""
-    console = console or Console(width=160)
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-        if "points" in result:
-            console.print(sweep_table(result))
-        else:
-            console.print(step_table(result))
-            console.print(headline(result), highlight=False)
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print(
-            "usage: python -m resnet_ablate.bench.step RESULT.json ...  (from ablate bench --json)"
-        )
-        sys.exit(2)
-    show(sys.argv[1:])

@@ -30,10 +30,12 @@ import pandas as pd
 from ..config import SECTIONS, CellConfig, Grid
 from ..tracking import Store
 from . import plots
+from .gradient_flow import gradient_summary
 from .records import Records, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
+from .sides import config_name, p_text
 from .tuning import Tuning, finished_trials, load_tuning
-from .verdicts import config_name, gradient_summary, judge, p_text
+from .verdicts import judge
 
 #: summary.csv: one row per cell; the run's numbers are empty for cells without a run.
 SUMMARY_COLUMNS = [
