@@ -171,7 +171,8 @@ def _plan(grid: Grid, rows: list[PlanRow], outcome: GridOutcome) -> list[Cell]:
     plan = grid_rounds(grid, rows)
     if plan is not None:
         outcome.rounds = plan
-        rows = [row for row in rows if row.cell.key in set(plan.planned)]
+        planned = set(plan.planned)
+        rows = [row for row in rows if row.cell.key in planned]
     outcome.total = len(rows)
     return [row.cell for row in rows if row.status not in tracking.DONE]
 
