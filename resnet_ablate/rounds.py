@@ -26,7 +26,7 @@ from .plan import PlanRow
 from .report.comparisons import headline_context
 from .report.records import describe_cell
 from .report.sides import Configuration
-from .report.verdicts import judge
+from .report.verdicts import undecided_configs
 from .stats import Schedule
 
 #: Statuses with an outcome: the cell counts in the verdicts and is never trained again.
@@ -99,7 +99,7 @@ def to_add(
     """The configurations that get one more seed after a round: those of every comparison that
     the round's cells leave undecided below the maximum, unless they already have the maximum
     (or every seed the grid has for them). `cells` holds exactly the round's planned cells."""
-    open_ = judge(cells, spec, context=context, schedule=schedule).undecided()
+    open_ = undecided_configs(cells, spec, schedule, context=context)
     return [c for c in open_ if seeds[c] < min(schedule.max, available[c])]
 
 
