@@ -179,9 +179,24 @@ def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
     from .report import build_report
 
     store = tracking.open_store(tracking_uri, results)
-    path = build_report(grid, store, results / grid.name)
-    console.print(f"report: {path}")
+    path = build_report(grid, store, results / grid.folder)
+    published = tracking.publish_report(store, grid, path.parent)
+    console.print(f"report: {path}" + (" (also stored with the grid's run)" if published else ""))
+    _print_other_settings(grid, store, "report")
     return path
+
+
+def _print_other_settings(grid: Grid, store: tracking.Store | None, verb: str) -> None:
+    """Say which finished runs of other `--set` settings the grid's experiment holds."""
+    from .plan import other_settings
+
+    for other in other_settings(grid, store):
+        console.print(
+            f"{grid.name} also holds {other.describe()}; see them with: "
+            f"{other.command(verb, grid)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,13 +235,18 @@ def list_cells(
     from .plan import states
 
     grid = _grid(grid_file, set_)
-    _print_rows(grid, states(grid, _existing_store(results, tracking_uri)))
+    store = _existing_store(results, tracking_uri)
+    _print_rows(grid, states(grid, store))
+    _print_other_settings(grid, store, "ls")
 
 
 def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
     from .progress import STYLE
 
-    table = Table(title=f"{grid.name}: {len(rows)} cells", title_justify="left")
+    title = f"{grid.name}: {len(rows)} cells" + (
+        f" ({grid.overrides_text})" if grid.overrides else ""
+    )
+    table = Table(title=title, title_justify="left")
     for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run"]:
         table.add_column(column, no_wrap=column == "label")
     counts: dict[str, int] = {}

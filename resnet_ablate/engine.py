@@ -124,10 +124,31 @@ class Session:
 
 
 def open_session(grid: Grid, options: RunOptions, store: tracking.Store) -> Session:
-    """The grid's experiment and parent run (created on first use)."""
+    """The grid's experiment and parent run (created on first use), marked RUNNING until
+    ``close_session`` ends it."""
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
-    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance())
+    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance(), running=True)
     return Session(grid, options, store.uri, experiment_id, parent_id)
+
+
+def close_session(
+    session: Session, store: tracking.Store, status: str, counts: Mapping[str, float] = {}
+) -> None:
+    """End the invocation's hold on the parent run: its MLflow `status` and summary `counts`."""
+    tracking.end_grid_run(store, session.parent_id, status, counts)
+
+
+def invocation_status(outcome: Outcome | None, all_done: bool, elsewhere: int) -> str:
+    """How the grid's parent run stands when an invocation ends: KILLED after Ctrl-C; FAILED
+    when a training failed, a worker crashed or the invocation raised (`outcome` None);
+    FINISHED when every cell has a result; RUNNING while cells still run elsewhere."""
+    if outcome is not None and outcome.interrupted:
+        return "KILLED"
+    if outcome is None or outcome.failures or outcome.crashes:
+        return "FAILED"
+    if all_done:
+        return "FINISHED"
+    return "RUNNING" if elsewhere else "FAILED"
 
 
 @dataclass(frozen=True)

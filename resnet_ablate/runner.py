@@ -13,6 +13,7 @@ still open) runs further rounds into the same outcome and display.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,15 @@ from .engine import (
     Session,
     WorkerContext,
     check_data,
+    close_session,
     contexts,
+    invocation_status,
     open_session,
     run_pool,
     train_tracked,
 )
 from .events import Emit
-from .plan import states
+from .plan import plan, states
 from .progress import GridProgress
 
 
@@ -67,7 +70,7 @@ def cell_job(session: Session, cell: Cell, existing: Run | None) -> Job:
         key=cell.key,
         label=cell.label,
         config=cell.config,
-        run=tracking.cell_run_spec(cell, session.parent_id, tags),
+        run=tracking.cell_run_spec(cell, session.parent_id, tags, session.grid.overrides),
         resume=existing.info.run_id if existing is not None else None,
         checkpoint=checkpoint_path(session.options.results, session.grid, cell),
     )
@@ -137,17 +140,40 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
     session = open_session(grid, options, store)
     queue = grid_queue(session)
-    with GridProgress(
-        console,
-        grid.name,
-        pending,
-        done=outcome.done,
-        total=outcome.total,
-        done_states=tracking.DONE,
-    ) as progress:
-        run_round(session, queue, pending, progress.update, outcome)
-    outcome.elsewhere = len(queue.running_elsewhere())
+    ended: GridOutcome | None = None
+    try:
+        with GridProgress(
+            console,
+            grid.name,
+            pending,
+            done=outcome.done,
+            total=outcome.total,
+            done_states=tracking.DONE,
+        ) as progress:
+            run_round(session, queue, pending, progress.update, outcome)
+        outcome.elsewhere = len(queue.running_elsewhere())
+        ended = outcome
+    finally:  # the parent run says how this invocation ended, whatever happened
+        close_grid(session, store, ended)
     return outcome
+
+
+def close_grid(session: Session, store: tracking.Store, outcome: GridOutcome | None) -> None:
+    """End the parent run's invocation: its status, and the grid's cells by state (metrics
+    ``cells_total``, ``cells_done`` (a result: finished or diverged), ``cells_diverged``,
+    ``cells_failed``, ``cells_killed``)."""
+    rows = plan(session.grid, store, session.experiment_id)
+    count = Counter(row.status for row in rows)
+    counts = {
+        "cells_total": len(rows),
+        "cells_done": sum(count[s] for s in tracking.DONE),
+        "cells_diverged": count["diverged"],
+        "cells_failed": count["failed"],
+        "cells_killed": count["killed"],
+    }
+    all_done = counts["cells_done"] == len(rows)
+    elsewhere = outcome.elsewhere if outcome is not None else 0
+    close_session(session, store, invocation_status(outcome, all_done, elsewhere), counts)
 
 
 def run_round(

@@ -67,6 +67,9 @@ TAG_SETTINGS = "ablate.settings"
 TAG_DEVICE = "ablate.device"
 TAG_PRECISION = "ablate.precision"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_OVERRIDES = "ablate.overrides"
+TAG_TRAIN_IMAGES = "ablate.data.train_images"
+TAG_TEST_IMAGES = "ablate.data.test_images"
 
 #: Cell states that are results: such a cell is not trained again. (The others: `new`, with
 #: no run yet, `running`, `failed` and `killed`.)
@@ -343,17 +346,29 @@ def log_text(store: Store, run_id: str, name: str, text: str) -> None:
 # The runs of a grid.
 
 
-def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mapping[str, str]) -> str:
-    """The grid's parent run: found by tag, created on first use (tagged with `provenance`)."""
-    found = first_run(store, experiment_id, "grid", {TAG_GRID: grid.name})
+def grid_run_id(
+    store: Store,
+    experiment_id: str,
+    grid: Grid,
+    provenance: Mapping[str, str],
+    running: bool = False,
+) -> str:
+    """The grid's parent run: found by grid name and overrides, created on first use (tagged
+    with `provenance`). `running`: the run is (re)marked RUNNING, to be ended by
+    ``end_grid_run`` when the invocation ends; else a new one is ended at once."""
+    found = grid_run(store, experiment_id, grid)
     if found is not None:
+        if running:
+            store.client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id
+    overrides = overrides_tag(grid.overrides)
     spec = RunSpec(
-        name=grid.name,
+        name=grid.name + (f" ({overrides})" if overrides else ""),
         role="grid",
         status=None,
         tags={
             TAG_GRID: grid.name,
+            **({TAG_OVERRIDES: overrides} if overrides else {}),
             "mlflow.note.content": grid.spec.description,
             **{f"grid.{k}": v for k, v in grid.spec.tags.items()},
             **provenance,
@@ -365,17 +380,65 @@ def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mappin
         },
     )
     run_id = create_run(store, experiment_id, spec)
-    store.client.set_terminated(run_id, "FINISHED")
+    if not running:
+        store.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def cell_run_spec(cell: Cell, parent_id: str, tags: Mapping[str, str]) -> RunSpec:
-    """A cell's run: named by its label, tagged with its key, every config field a param."""
+def overrides_tag(overrides: Sequence[str]) -> str:
+    """The ``ablate.overrides`` tag of runs made with `--set` overrides: `a=1; b=2`."""
+    return "; ".join(overrides)
+
+
+def tag_overrides(run: Run) -> tuple[str, ...]:
+    """The `--set` overrides a run was made with (empty: the grid file as written)."""
+    text = run.data.tags.get(TAG_OVERRIDES, "")
+    return tuple(text.split("; ")) if text else ()
+
+
+def grid_run(store: Store, experiment_id: str, grid: Grid) -> Run | None:
+    """The oldest parent run of this grid with the same overrides, or None."""
+    where = f"tags.`{TAG_ROLE}` = 'grid' and tags.`{TAG_GRID}` = '{grid.name}'"
+    runs = store.client.search_runs(
+        [experiment_id], filter_string=where, order_by=["attributes.start_time ASC"]
+    )
+    for run in runs:
+        if tag_overrides(run) == grid.overrides:
+            return run
+    return None
+
+
+def end_grid_run(store: Store, run_id: str, status: str, counts: Mapping[str, float] = {}) -> None:
+    """End the grid's parent run with MLflow status `status` (FINISHED, FAILED, KILLED, or
+    RUNNING to leave it open while cells still run elsewhere) and its summary `counts`."""
+    if counts:
+        log_metrics(store, run_id, counts, step=0)
+    if status != "RUNNING":
+        store.client.set_terminated(run_id, status)
+
+
+def publish_report(store: Store, grid: Grid, folder: Path) -> bool:
+    """Store a grid's report folder (report, figures, summaries) as artifacts ``report/`` of
+    its parent run, so users of a shared server find it; False when the grid has no run yet."""
+    found = find_experiment(store, grid.name)
+    run = grid_run(store, found.experiment_id, grid) if found is not None else None
+    if run is None:
+        return False
+    store.client.log_artifacts(run.info.run_id, str(folder), "report")
+    return True
+
+
+def cell_run_spec(
+    cell: Cell, parent_id: str, tags: Mapping[str, str], overrides: Sequence[str] = ()
+) -> RunSpec:
+    """A cell's run: named by its label, tagged with its key (and the `--set` overrides that
+    made it, if any), every config field a param."""
+    extra = {TAG_OVERRIDES: overrides_tag(overrides)} if overrides else {}
     return RunSpec(
         name=cell.label,
         role="cell",
         parent_id=parent_id,
-        tags={TAG_KEY: cell.key, TAG_LABEL: cell.label, **tags},
+        tags={TAG_KEY: cell.key, TAG_LABEL: cell.label, **extra, **tags},
         params=cell.params,
     )
 

@@ -16,7 +16,17 @@ from rich.console import Console
 from .. import tracking
 from ..cellqueue import reap_stale, storage_for
 from ..config import Grid, flatten
-from ..engine import Outcome, RunOptions, Session, check_data, contexts, open_session, run_pool
+from ..engine import (
+    Outcome,
+    RunOptions,
+    Session,
+    check_data,
+    close_session,
+    contexts,
+    invocation_status,
+    open_session,
+    run_pool,
+)
 from ..errors import UserError
 from ..progress import GridProgress
 from ..provenance import provenance
@@ -82,6 +92,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     outcome.states = [study_state(storage, t, spec.trials) or StudyState(t) for t in found]
     for state in outcome.states:
         close_tuning_run(store, runs[state.target.key], state, spec.trials, outcome.interrupted)
+    close_session(session, store, invocation_status(outcome, True, 0))
     return outcome
 
 
