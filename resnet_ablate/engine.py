@@ -61,7 +61,7 @@ from .data import Dataset, load_dataset
 from .device import ExecOptions, resolve_runtime
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
-from .provenance import provenance
+from .provenance import DatasetRecord, dataset_record, provenance
 
 INTERRUPTED = "interrupted (Ctrl-C); rerun to resume"
 
@@ -82,6 +82,7 @@ class RunOptions:
 # Data, once per process.
 
 _DATASETS: dict[DataSpec, Dataset] = {}
+_RECORDS: dict[DataSpec, DatasetRecord] = {}
 
 
 def dataset_for(spec: DataSpec) -> Dataset:
@@ -89,6 +90,13 @@ def dataset_for(spec: DataSpec) -> Dataset:
     if spec not in _DATASETS:
         _DATASETS[spec] = load_dataset(spec)
     return _DATASETS[spec]
+
+
+def dataset_record_for(spec: DataSpec) -> DatasetRecord:
+    """The loaded dataset's record (name, digest, sizes, source), computed once a process."""
+    if spec not in _RECORDS:
+        _RECORDS[spec] = dataset_record(dataset_for(spec))
+    return _RECORDS[spec]
 
 
 def check_data(cells: Iterable[Cell]) -> None:
@@ -128,6 +136,9 @@ def open_session(grid: Grid, options: RunOptions, store: tracking.Store) -> Sess
     ``close_session`` ends it."""
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
     parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance(), running=True)
+    if grid.path.is_file():  # the grid file as this invocation read it
+        text = grid.path.read_text(encoding="utf-8")
+        tracking.log_text(store, parent_id, f"grid/{grid.path.name}", text)
     return Session(grid, options, store.uri, experiment_id, parent_id)
 
 
@@ -216,6 +227,7 @@ class Job:
     blind: bool = False
     full_record: bool = True
     interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C
+    grid_file: Path | None = None  # stored with a new run, exactly as it was read
 
 
 @dataclass(frozen=True)
@@ -290,6 +302,8 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         dataset = dataset_for(job.config.data)
         if job.blind:
             dataset = blind(dataset)
+        if job.resume is None:
+            tracking.log_dataset(store, run_id, dataset_record_for(job.config.data))
         if job.full_record and job.resume is None:
             _record_model(store, run_id, job, dataset)
         result = train.train_cell(
@@ -337,6 +351,9 @@ def _record_model(store: tracking.Store, run_id: str, job: Job, dataset: Dataset
     tracking.log_metrics(store, run_id, sizes, step=0)
     config = {"key": job.key, "label": job.label, **job.config.model_dump(mode="json")}
     tracking.log_json(store, run_id, "config.json", config)
+    if job.grid_file is not None and job.grid_file.is_file():
+        text = job.grid_file.read_text(encoding="utf-8")
+        tracking.log_text(store, run_id, f"grid/{job.grid_file.name}", text)
 
 
 def _record_end(

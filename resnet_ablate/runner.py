@@ -73,6 +73,7 @@ def cell_job(session: Session, cell: Cell, existing: Run | None) -> Job:
         run=tracking.cell_run_spec(cell, session.parent_id, tags, session.grid.overrides),
         resume=existing.info.run_id if existing is not None else None,
         checkpoint=checkpoint_path(session.options.results, session.grid, cell),
+        grid_file=session.grid.path,
     )
 
 

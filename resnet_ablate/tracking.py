@@ -49,11 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, Experiment, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
 from .errors import UserError
+from .provenance import DatasetRecord
 
 TAG_ROLE = "ablate.role"
 TAG_GRID = "ablate.grid"
@@ -335,6 +337,36 @@ class MetricLog:
 def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
     """Store a JSON artifact (config, final metrics, gradient flow) with the run."""
     store.client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
+
+
+def log_dataset(
+    store: Store, run_id: str, record: DatasetRecord, context: str = "training"
+) -> None:
+    """Record the dataset a run used as an MLflow dataset input (the runs table's Dataset
+    column): name, digest, source and split sizes (its profile); the sizes also as tags."""
+    dataset = MlflowDataset(
+        name=record.name,
+        digest=record.digest,
+        source_type="local",
+        source=json.dumps({"uri": record.source or record.name}),
+        profile=json.dumps(record.sizes),
+    )
+    tags = [InputTag("mlflow.data.context", context)]
+    store.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+    sizes = {TAG_TRAIN_IMAGES: record.sizes.get("train"), TAG_TEST_IMAGES: record.sizes.get("test")}
+    log_batch(store, run_id, tags={k: str(v) for k, v in sizes.items() if v is not None})
+
+
+def run_datasets(store: Store, run_id: str) -> list[DatasetRecord]:
+    """The datasets a run recorded as inputs."""
+    run = store.client.get_run(run_id)
+    records = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        data = item.dataset
+        source = json.loads(data.source).get("uri", "") if data.source else ""
+        sizes = json.loads(data.profile) if data.profile else {}
+        records.append(DatasetRecord(data.name, data.digest, source, sizes))
+    return records
 
 
 def log_text(store: Store, run_id: str, name: str, text: str) -> None:
