@@ -273,36 +273,93 @@ def _pct(value: float | None) -> str:
 
 @app.command()
 def ui(
+    grid_file: Annotated[
+        Path | None,
+        typer.Argument(help="Grid file: print the URLs of its runs.", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
     results: ResultsOpt = Path("results"),
     tracking_uri: UriOpt = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    open_: Annotated[
+        bool, typer.Option("--open", help="Open the runs table in a browser.")
+    ] = False,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 over the grid store, to compare runs side by side."""
-    import os
-
+    """Start the MLflow UI on 127.0.0.1 over the grid store, with the URL of a grid's runs table
+    (in the "Model training" mode) and of the compare view of its cells."""
     from . import tracking
 
+    grid = _grid(grid_file, set_) if grid_file is not None else None
     uri = tracking.resolve_uri(tracking_uri, results)
-    if uri.startswith(("http://", "https://")):
-        console.print(f"The tracking server {uri} has its own UI: open it in a browser.")
+    remote = tracking.server_base(uri)
+    base = remote or f"http://127.0.0.1:{port}"
+    urls = _ui_urls(grid, _existing_store(results, tracking_uri), base)
+    if remote is not None:
+        console.print(f"The tracking server {remote} has its own UI.")
+        _show_urls(urls, open_)
         return
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    _serve_ui(uri, port, urls, open_)
+
+
+def _ui_urls(grid: Grid | None, store: tracking.Store | None, base: str) -> dict[str, str]:
+    """What to open: the grid's runs table and the compare view of its cells (the experiment
+    list without a grid or before its first run)."""
+    from . import tracking
+
+    found = tracking.find_experiment(store, grid.name) if grid and store else None
+    if grid is None or store is None or found is None:
+        if grid is not None:
+            console.print(f"{grid.name} has no runs yet: run `ablate run {grid.path}` first.")
+        return {"runs": base + "/#/experiments?workflowType=machine_learning"}
+    eid = found.experiment_id
+    keys = {cell.key for cell in grid.cells}
+    cells = [r.info.run_id for k, r in tracking.cell_runs(store, eid).items() if k in keys]
+    urls = {"runs": tracking.runs_table_url(base, eid)}
+    if cells:
+        urls["compare"] = tracking.compare_url(base, eid, cells)
+    return urls
+
+
+def _show_urls(urls: dict[str, str], open_browser: bool) -> None:
+    console.print(f"Runs table: {urls['runs']}", highlight=False, soft_wrap=True)
+    if "compare" in urls:
+        console.print(f"Compare the cells: {urls['compare']}", highlight=False, soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(urls["runs"])
+    else:
+        console.print("(--open opens the runs table in a browser)")
+
+
+def _serve_ui(uri: str, port: int, urls: dict[str, str], open_browser: bool) -> None:
+    """Run `mlflow server` on loopback over the store until Ctrl-C; the URLs once it answers."""
+    import subprocess
+    import time
+    import urllib.request
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         command += ["--artifacts-destination", root.resolve().as_uri()]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    os.execv(sys.executable, command)
+    console.print(f"Starting the MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop) ...")
+    server = subprocess.Popen(command)
+    try:
+        while server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        if server.poll() is not None:
+            raise UserError(f"the MLflow UI did not start on port {port}; is it taken? try --port")
+        _show_urls(urls, open_browser)
+        server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------------------------

@@ -567,11 +567,29 @@ def download_json(store: Store, run_id: str, name: str) -> Any:
             os.environ[_PROGRESS] = previous
 
 
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the UI's "Model training" mode (MLflow 3 opens an
+    experiment on its GenAI overview otherwise)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """The UI's compare view of these runs (its route takes the ids as JSON lists)."""
+    runs = urllib.parse.quote(json.dumps(list(run_ids)), safe="")
+    experiments = urllib.parse.quote(json.dumps([experiment_id]), safe="")
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def server_base(uri: str) -> str | None:
+    """The UI address of an http(s) tracking server (without credentials), else None."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # never put credentials into a report
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def ui_url(uri: str, experiment_id: str, run_id: str, ui_base: str | None = None) -> str:
     """Link to a run in the MLflow UI (the server itself, or `ablate ui`'s default address)."""
-    if ui_base is None and uri.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(uri)
-        netloc = parts.netloc.rsplit("@", 1)[-1]  # never put credentials into a report
-        ui_base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    base = ui_base or "http://127.0.0.1:5000"
+    base = ui_base or server_base(uri) or "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -141,7 +141,7 @@ def what_ran(cells: pd.DataFrame) -> str:
     epochs = _alternatives(ran["run_epochs"])
     if not epochs:
         return ""
-    text = f"{epochs} epochs"
+    text = f"{epochs} epoch" + ("" if epochs == "1" else "s")
     if train := _alternatives(ran["train_images"]):
         text += f" of {train} training images"
     if test := _alternatives(ran["test_images"]):
