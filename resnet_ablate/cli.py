@@ -363,6 +363,49 @@ def _serve_ui(uri: str, port: int, urls: dict[str, str], open_browser: bool) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# reproduce
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="The MLflow id of a cell's run.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: as `ablate run` uses).")
+    ] = None,
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+) -> None:
+    """Train a cell again from its run's record alone; print how far the curves are apart."""
+    from . import tracking
+
+    store = tracking.existing_store(tracking_uri, results)
+    if store is None:
+        raise UserError(
+            f"{results / 'mlflow.db'}: no MLflow store here; pass --results/--tracking-uri"
+        )
+    from .device import ExecOptions
+    from .reproduce import load_original
+    from .reproduce import reproduce as retrain
+
+    load_original(store, run_id)  # a wrong id or a run that is no cell's fails before anything
+    done = retrain(store, run_id, ExecOptions(device=device, threads=threads), results)
+    for line in done.mismatches:
+        errors.print(f"[yellow]differs[/] {line}", highlight=False)
+    label = done.original.run.info.run_name
+    console.print(f"{label}: reproduced as run {done.run_id} ({done.ending.status})")
+    table = Table(title=f"Largest per-epoch difference from run {run_id}", title_justify="left")
+    for column in ["metric", "largest |difference|", "at epoch", "seed sd of final value"]:
+        table.add_column(column)
+    for d in done.differences:
+        spread = f"{d.seed_sd:.4g} ({d.seeds} seeds)" if d.seeds else "(one seed only)"
+        table.add_row(d.metric, f"{d.largest:.6g}", str(d.epoch), spread)
+    console.print(table)
+    identical = all(d.largest == 0 for d in done.differences)
+    console.print("The curves are identical." if identical else "The curves differ (see above).")
+
+
+# --------------------------------------------------------------------------------------------
 # bench
 
 

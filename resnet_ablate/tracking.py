@@ -44,6 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ def open_store(uri: str | None, results: Path) -> Store:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        with lock:  # creating a new SQLite store from two processes at once races
+        with lock, _quiet_noload():  # a new SQLite store from two processes at once races
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
@@ -200,6 +201,20 @@ def existing_store(uri: str | None, results: Path) -> Store | None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
     return open_store(uri, results)
+
+
+@contextlib.contextmanager
+def _quiet_noload() -> Iterator[None]:
+    """MLflow's SQL store configures SQLAlchemy's `noload` strategy, deprecated in SQLAlchemy
+    2.1: its warning, raised where the store sets up its tables, is silenced there only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The ``noload`` loader strategy is deprecated",
+            category=DeprecationWarning,
+            module=r"mlflow\.store\.tracking\.sqlalchemy_store",
+        )
+        yield
 
 
 @contextlib.contextmanager
@@ -298,6 +313,11 @@ def log_batch(
         store.client.log_batch(run_id, params=params_[i : i + 100])
     for i in range(0, len(tags_), 100):
         store.client.log_batch(run_id, tags=tags_[i : i + 100])
+
+
+def param_texts(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as a run stores them: text, lists as JSON, None as `null`."""
+    return {k: _param_value(v) for k, v in params.items()}
 
 
 def _param_value(value: Any) -> str:
@@ -477,6 +497,16 @@ def cell_run_spec(
 
 # --------------------------------------------------------------------------------------------
 # Reading.
+
+
+def get_run(store: Store, run_id: str) -> Run:
+    """A run by id; a TrackingError that says so when the store has none."""
+    try:
+        return store.client.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"run {run_id}: no such run in {store.uri}; `ablate ls GRID` lists the runs' ids"
+        ) from None
 
 
 def find_experiment(store: Store, name: str) -> Experiment | None:

@@ -77,7 +77,7 @@ def test_runs_with_overrides_keep_their_own_report_and_are_pointed_to(two_settin
     assert "What ran (read from the runs): 1 epoch of 256 training images" in own_html
     assert "What ran (read from the runs): 2 epochs of 256 training images" in other_html
     assert "<code>--set train.epochs=2</code>" in other_html  # the overrides it was made with
-    assert f"ablate report {grid} --set train.epochs=2" in own_html  # and how to see them
+    assert f"ablate report {grid}</code> shows them" in other_html  # and where the others are
 
     # Rebuilding without --set leaves the other report alone and says where the other runs are.
     before = other.read_bytes()
@@ -85,6 +85,7 @@ def test_runs_with_overrides_keep_their_own_report_and_are_pointed_to(two_settin
     assert again.returncode == 0, again.stderr
     assert other.read_bytes() == before
     assert f"see them with: ablate report {grid} --set train.epochs=2" in again.stdout
+    assert f"ablate report {grid} --set train.epochs=2</code> shows them" in own.read_text()
     listing = ablate("ls", str(grid), cwd=workdir)
     assert listing.stdout.count("finished") == 3  # two cells, and the pointer's own words
     assert f"ablate ls {grid} --set train.epochs=2" in listing.stdout
@@ -283,3 +284,31 @@ def test_ui_lands_on_the_runs_table_and_the_compare_view(two_settings, tmp_path)
             assert "model.shortcut" in text
     finally:
         stop(proc)
+
+
+@pytest.mark.slow
+def test_reproduce_rebuilds_a_cell_from_its_record_and_matches_exactly(two_settings):
+    workdir, grid, _, _ = two_settings
+    client = local_client(workdir)
+    (original,) = [
+        r
+        for r in runs(client, "cell")
+        if r.info.run_name == "plain-8 basic post s0" and "ablate.overrides" not in r.data.tags
+    ]
+    done = ablate("reproduce", original.info.run_id, cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The curves are identical." in done.stdout
+    (copy,) = runs(client, "reproduction")
+    assert copy.data.tags["ablate.reproduces"] == original.info.run_id
+    assert copy.data.tags["mlflow.parentRunId"] == original.data.tags["mlflow.parentRunId"]
+    assert copy.data.params == original.data.params
+    for key in ("train_loss", "train_err", "test_err"):
+        old = [(m.step, m.value) for m in client.get_metric_history(original.info.run_id, key)]
+        new = [(m.step, m.value) for m in client.get_metric_history(copy.info.run_id, key)]
+        assert sorted(new) == sorted(old) and old
+    listing = ablate("ls", str(grid), cwd=workdir)  # the cell is still its original run
+    assert original.info.run_id in listing.stdout
+
+    wrong = ablate("reproduce", "0123456789abcdef", cwd=workdir)
+    assert wrong.returncode == 2 and "no such run" in wrong.stderr
+    assert len(runs(client, "reproduction")) == 1
