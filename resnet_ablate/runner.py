@@ -32,6 +32,7 @@ from .engine import (
     check_data,
     close_session,
     contexts,
+    dataset_record_for,
     invocation_status,
     open_session,
     run_pool,
@@ -140,6 +141,8 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
         return outcome
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
     session = open_session(grid, options, store)
+    for spec in {cell.config.data for cell in pending}:  # the runs table's Dataset column
+        tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
     queue = grid_queue(session)
     ended: GridOutcome | None = None
     try:
