@@ -26,9 +26,10 @@ Where coming work plugs in:
 - One parent run per grid across machines: ``open_session`` is the only place the parent is
   found or created; with a shared ``--queue`` it can take the parent's id from the queue's
   storage (first writer wins) instead of searching MLflow. Every worker gets it via `Session`.
-- A parent run whose status tells the truth: ``open_session`` marks it running, and a closing
-  counterpart after the pool (``run_grid``, ``tune_grid``) ends it from the ``Outcome``
-  (interrupted: KILLED, failures or crashes: FAILED, else FINISHED) with summary metrics.
+- A parent run whose status tells the truth: ``open_session`` marks it RUNNING, and
+  ``close_session`` after the pool (``runner.close_grid``, ``tune_grid``) ends it with
+  ``invocation_status`` (interrupted: KILLED, failures or crashes: FAILED, every cell done:
+  FINISHED, cells still running elsewhere: left RUNNING) and summary metrics.
 - Rounds of cells (more seeds where a verdict is open): ``runner.run_round`` enqueues cells and
   runs the pool into the same outcome; call it again with the new cells (and a session whose
   grid holds them).
