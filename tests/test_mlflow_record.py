@@ -274,7 +274,8 @@ def test_ui_lands_on_the_runs_table_and_the_compare_view(two_settings, tmp_path)
         experiment = local_client(workdir).get_experiment_by_name("tiny").experiment_id
         assert urls["runs"].endswith(f"/#/experiments/{experiment}?workflowType=machine_learning")
         with Chromium(find_chromium(), tmp_path / "profile", timeout=60) as browser:
-            text, shot = browser.render(urls["runs"], ["tiny (train.epochs=2)", "Dataset"])
+            expected = ["tiny (train.epochs=2)", "Dataset", "Duration"]
+            text, shot = browser.render(urls["runs"], expected, width=1800)
             assert "synthetic" in text  # the Dataset column has the input
             (tmp_path / "ui.png").write_bytes(shot)
             assert shot.startswith(b"\x89PNG") and len(shot) > 20_000
