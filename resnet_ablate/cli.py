@@ -231,9 +231,24 @@ def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
     from .report import build_report
 
     store = tracking.open_store(tracking_uri, results)
-    path = build_report(grid, store, results / grid.name)
-    console.print(f"report: {path}")
+    path = build_report(grid, store, results / grid.folder)
+    published = tracking.publish_report(store, grid, path.parent)
+    console.print(f"report: {path}" + (" (also stored with the grid's run)" if published else ""))
+    _print_other_settings(grid, store, "report")
     return path
+
+
+def _print_other_settings(grid: Grid, store: tracking.Store | None, verb: str) -> None:
+    """Say which finished runs of other `--set` settings the grid's experiment holds."""
+    from .plan import other_settings
+
+    for other in other_settings(grid, store):
+        console.print(
+            f"{grid.name} also holds {other.describe()}; see them with: "
+            f"{other.command(verb, grid)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,18 +290,23 @@ def list_cells(
     from .plan import states
 
     grid = _grid(grid_file, set_, seeds)
-    rows, rounds = _planned(grid, states(grid, _existing_store(results, tracking_uri)))
+    store = _existing_store(results, tracking_uri)
+    rows, rounds = _planned(grid, states(grid, store))
     _print_rows(grid, rows, rounds.round_of() if rounds is not None else None)
     if rounds is not None:
         from .rounds import summary
 
         console.print(summary(grid, rounds))
+    _print_other_settings(grid, store, "ls")
 
 
 def _print_rows(grid: Grid, rows: list[PlanRow], added: dict[str, int] | None = None) -> None:
     from .progress import STYLE
 
-    table = Table(title=f"{grid.name}: {len(rows)} cells", title_justify="left")
+    title = f"{grid.name}: {len(rows)} cells" + (
+        f" ({grid.overrides_text})" if grid.overrides else ""
+    )
+    table = Table(title=title, title_justify="left")
     extra = ["round"] if added is not None else []
     for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run", *extra]:
         table.add_column(column, no_wrap=column == "label")
@@ -315,36 +335,136 @@ def _pct(value: float | None) -> str:
 
 @app.command()
 def ui(
+    grid_file: Annotated[
+        Path | None,
+        typer.Argument(help="Grid file: print the URLs of its runs.", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
     results: ResultsOpt = Path("results"),
     tracking_uri: UriOpt = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    open_: Annotated[
+        bool, typer.Option("--open", help="Open the runs table in a browser.")
+    ] = False,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 over the grid store, to compare runs side by side."""
-    import os
-
+    """Start the MLflow UI on 127.0.0.1 over the grid store, with the URL of a grid's runs table
+    (in the "Model training" mode) and of the compare view of its cells."""
     from . import tracking
 
+    grid = _grid(grid_file, set_) if grid_file is not None else None
     uri = tracking.resolve_uri(tracking_uri, results)
-    if uri.startswith(("http://", "https://")):
-        console.print(f"The tracking server {uri} has its own UI: open it in a browser.")
+    remote = tracking.server_base(uri)
+    base = remote or f"http://127.0.0.1:{port}"
+    urls = _ui_urls(grid, _existing_store(results, tracking_uri), base)
+    if remote is not None:
+        console.print(f"The tracking server {remote} has its own UI.")
+        _show_urls(urls, open_)
         return
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    _serve_ui(uri, port, urls, open_)
+
+
+def _ui_urls(grid: Grid | None, store: tracking.Store | None, base: str) -> dict[str, str]:
+    """What to open: the grid's runs table and the compare view of its cells (the experiment
+    list without a grid or before its first run)."""
+    from . import tracking
+
+    found = tracking.find_experiment(store, grid.name) if grid and store else None
+    if grid is None or store is None or found is None:
+        if grid is not None:
+            console.print(f"{grid.name} has no runs yet: run `ablate run {grid.path}` first.")
+        return {"runs": base + "/#/experiments?workflowType=machine_learning"}
+    eid = found.experiment_id
+    keys = {cell.key for cell in grid.cells}
+    cells = [r.info.run_id for k, r in tracking.cell_runs(store, eid).items() if k in keys]
+    urls = {"runs": tracking.runs_table_url(base, eid)}
+    if cells:
+        urls["compare"] = tracking.compare_url(base, eid, cells)
+    return urls
+
+
+def _show_urls(urls: dict[str, str], open_browser: bool) -> None:
+    console.print(f"Runs table: {urls['runs']}", highlight=False, soft_wrap=True)
+    if "compare" in urls:
+        console.print(f"Compare the cells: {urls['compare']}", highlight=False, soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(urls["runs"])
+    else:
+        console.print("(--open opens the runs table in a browser)")
+
+
+def _serve_ui(uri: str, port: int, urls: dict[str, str], open_browser: bool) -> None:
+    """Run `mlflow server` on loopback over the store until Ctrl-C; the URLs once it answers."""
+    import subprocess
+    import time
+    import urllib.request
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         command += ["--artifacts-destination", root.resolve().as_uri()]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    os.execv(sys.executable, command)
+    console.print(f"Starting the MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop) ...")
+    server = subprocess.Popen(command)
+    try:
+        while server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        if server.poll() is not None:
+            raise UserError(f"the MLflow UI did not start on port {port}; is it taken? try --port")
+        _show_urls(urls, open_browser)
+        server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------
+# reproduce
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="The MLflow id of a cell's run.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: as `ablate run` uses).")
+    ] = None,
+    results: ResultsOpt = Path("results"),
+    tracking_uri: UriOpt = None,
+) -> None:
+    """Train a cell again from its run's record alone; print how far the curves are apart."""
+    from . import tracking
+
+    store = tracking.existing_store(tracking_uri, results)
+    if store is None:
+        raise UserError(
+            f"{results / 'mlflow.db'}: no MLflow store here; pass --results/--tracking-uri"
+        )
+    from .device import ExecOptions
+    from .reproduce import load_original
+    from .reproduce import reproduce as retrain
+
+    load_original(store, run_id)  # a wrong id or a run that is no cell's fails before anything
+    done = retrain(store, run_id, ExecOptions(device=device, threads=threads), results)
+    for line in done.mismatches:
+        errors.print(f"[yellow]differs[/] {line}", highlight=False)
+    label = done.original.run.info.run_name
+    console.print(f"{label}: reproduced as run {done.run_id} ({done.ending.status})")
+    table = Table(title=f"Largest per-epoch difference from run {run_id}", title_justify="left")
+    for column in ["metric", "largest |difference|", "at epoch", "seed sd of final value"]:
+        table.add_column(column)
+    for d in done.differences:
+        spread = f"{d.seed_sd:.4g} ({d.seeds} seeds)" if d.seeds else "(one seed only)"
+        table.add_row(d.metric, f"{d.largest:.6g}", str(d.epoch), spread)
+    console.print(table)
+    identical = all(d.largest == 0 for d in done.differences)
+    console.print("The curves are identical." if identical else "The curves differ (see above).")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -432,10 +433,24 @@ class Grid:
     spec: GridFile
     cells: tuple[Cell, ...]
     path: Path
+    #: The `--set` overrides that made this grid from its file, canonical: `key=value`, one per
+    #: key (the last given wins), sorted by key. Empty for the file as written.
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def overrides_text(self) -> str:
+        """The overrides as a user types them again: `--set train.epochs=8 --set seeds=[0]`."""
+        return " ".join(f"--set {shlex.quote(o)}" for o in self.overrides)
+
+    @property
+    def folder(self) -> str:
+        """The grid's folder under results/: its name, plus its overrides when it has some
+        (`quick+train.epochs=8`), so runs with other settings never overwrite its report."""
+        return "+".join([self.name, *(_folder_safe(o) for o in self.overrides)])
 
     @property
     def axes(self) -> list[str]:
@@ -454,7 +469,22 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     raw = _read_yaml(path)
     for text in overrides:
         _apply_override(raw, text, path)
-    return expand(raw, path, sliced=bool(overrides))
+    grid = expand(raw, path, sliced=bool(overrides))
+    return replace(grid, overrides=canonical_overrides(overrides))
+
+
+def canonical_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """`--set` texts as `key=value` with spaces trimmed, the last per key, sorted by key."""
+    latest: dict[str, str] = {}
+    for text in overrides:
+        key, _, value = text.partition("=")
+        latest[key.strip()] = value.strip()
+    return tuple(f"{key}={latest[key]}" for key in sorted(latest))
+
+
+def _folder_safe(text: str) -> str:
+    """An override as part of a folder name: letters, digits and `._,=-` only."""
+    return re.sub(r"[^A-Za-z0-9._,=-]", "", text)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

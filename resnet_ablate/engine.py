@@ -26,9 +26,10 @@ Where coming work plugs in:
 - One parent run per grid across machines: ``open_session`` is the only place the parent is
   found or created; with a shared ``--queue`` it can take the parent's id from the queue's
   storage (first writer wins) instead of searching MLflow. Every worker gets it via `Session`.
-- A parent run whose status tells the truth: ``open_session`` marks it running, and a closing
-  counterpart after the pool (``run_grid``, ``tune_grid``) ends it from the ``Outcome``
-  (interrupted: KILLED, failures or crashes: FAILED, else FINISHED) with summary metrics.
+- A parent run whose status tells the truth: ``open_session`` marks it RUNNING, and
+  ``close_session`` after the pool (``runner.close_grid``, ``tune_grid``) ends it with
+  ``invocation_status`` (interrupted: KILLED, failures or crashes: FAILED, every cell done:
+  FINISHED, cells still running elsewhere: left RUNNING) and summary metrics.
 - Rounds of cells (more seeds where a verdict is open): ``runner.run_round`` enqueues cells and
   runs the pool into the same outcome; call it again with the new cells (and a session whose
   grid holds them).
@@ -61,7 +62,7 @@ from .data import Dataset, load_dataset
 from .device import ExecOptions, resolve_runtime
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
-from .provenance import provenance
+from .provenance import DatasetRecord, dataset_record, provenance
 
 INTERRUPTED = "interrupted (Ctrl-C); rerun to resume"
 
@@ -82,6 +83,7 @@ class RunOptions:
 # Data, once per process.
 
 _DATASETS: dict[DataSpec, Dataset] = {}
+_RECORDS: dict[DataSpec, DatasetRecord] = {}
 
 
 def dataset_for(spec: DataSpec) -> Dataset:
@@ -89,6 +91,13 @@ def dataset_for(spec: DataSpec) -> Dataset:
     if spec not in _DATASETS:
         _DATASETS[spec] = load_dataset(spec)
     return _DATASETS[spec]
+
+
+def dataset_record_for(spec: DataSpec) -> DatasetRecord:
+    """The loaded dataset's record (name, digest, sizes, source), computed once a process."""
+    if spec not in _RECORDS:
+        _RECORDS[spec] = dataset_record(dataset_for(spec))
+    return _RECORDS[spec]
 
 
 def check_data(cells: Iterable[Cell]) -> None:
@@ -124,10 +133,34 @@ class Session:
 
 
 def open_session(grid: Grid, options: RunOptions, store: tracking.Store) -> Session:
-    """The grid's experiment and parent run (created on first use)."""
+    """The grid's experiment and parent run (created on first use), marked RUNNING until
+    ``close_session`` ends it."""
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
-    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance())
+    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance(), running=True)
+    if grid.path.is_file():  # the grid file as this invocation read it
+        text = grid.path.read_text(encoding="utf-8")
+        tracking.log_text(store, parent_id, f"grid/{grid.path.name}", text)
     return Session(grid, options, store.uri, experiment_id, parent_id)
+
+
+def close_session(
+    session: Session, store: tracking.Store, status: str, counts: Mapping[str, float] = {}
+) -> None:
+    """End the invocation's hold on the parent run: its MLflow `status` and summary `counts`."""
+    tracking.end_grid_run(store, session.parent_id, status, counts)
+
+
+def invocation_status(outcome: Outcome | None, all_done: bool, elsewhere: int) -> str:
+    """How the grid's parent run stands when an invocation ends: KILLED after Ctrl-C; FAILED
+    when a training failed, a worker crashed or the invocation raised (`outcome` None);
+    FINISHED when every cell has a result; RUNNING while cells still run elsewhere."""
+    if outcome is not None and outcome.interrupted:
+        return "KILLED"
+    if outcome is None or outcome.failures or outcome.crashes:
+        return "FAILED"
+    if all_done:
+        return "FINISHED"
+    return "RUNNING" if elsewhere else "FAILED"
 
 
 @dataclass(frozen=True)
@@ -195,6 +228,7 @@ class Job:
     blind: bool = False
     full_record: bool = True
     interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C
+    grid_file: Path | None = None  # stored with a new run, exactly as it was read
 
 
 @dataclass(frozen=True)
@@ -269,6 +303,8 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         dataset = dataset_for(job.config.data)
         if job.blind:
             dataset = blind(dataset)
+        if job.resume is None:
+            tracking.log_dataset(store, run_id, dataset_record_for(job.config.data))
         if job.full_record and job.resume is None:
             _record_model(store, run_id, job, dataset)
         result = train.train_cell(
@@ -316,6 +352,9 @@ def _record_model(store: tracking.Store, run_id: str, job: Job, dataset: Dataset
     tracking.log_metrics(store, run_id, sizes, step=0)
     config = {"key": job.key, "label": job.label, **job.config.model_dump(mode="json")}
     tracking.log_json(store, run_id, "config.json", config)
+    if job.grid_file is not None and job.grid_file.is_file():
+        text = job.grid_file.read_text(encoding="utf-8")
+        tracking.log_text(store, run_id, f"grid/{job.grid_file.name}", text)
 
 
 def _record_end(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +32,16 @@ from .engine import (
     Session,
     WorkerContext,
     check_data,
+    close_session,
     contexts,
+    dataset_record_for,
+    invocation_status,
     open_session,
     run_pool,
     train_tracked,
 )
 from .events import Emit
-from .plan import PlanRow, states
+from .plan import PlanRow, plan, states
 from .progress import GridProgress
 from .rounds import Rounds, grid_rounds
 
@@ -73,9 +77,10 @@ def cell_job(session: Session, cell: Cell, existing: Run | None) -> Job:
         key=cell.key,
         label=cell.label,
         config=cell.config,
-        run=tracking.cell_run_spec(cell, session.parent_id, tags),
+        run=tracking.cell_run_spec(cell, session.parent_id, tags, session.grid.overrides),
         resume=existing.info.run_id if existing is not None else None,
         checkpoint=checkpoint_path(session.options.results, session.grid, cell),
+        grid_file=session.grid.path,
     )
 
 
@@ -144,34 +149,41 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
         return outcome
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
     session = open_session(grid, options, store)
+    for spec in {cell.config.data for cell in pending}:  # the runs table's Dataset column
+        tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
     queue = grid_queue(session)
-    with GridProgress(
-        console,
-        grid.name,
-        pending,
-        done=outcome.done,
-        total=outcome.total,
-        done_states=tracking.DONE,
-    ) as progress:
-        tried: set[str] = set()
-        while pending:
-            run_round(session, queue, pending, progress.update, outcome)
-            tried.update(cell.key for cell in pending)
-            if outcome.rounds is None or outcome.exit_code:
-                break
-            pending = _next_round(grid, store, queue, tried, outcome)
-            progress.add(pending, total=outcome.total)
-    outcome.elsewhere = len(queue.running_elsewhere())
+    ended: GridOutcome | None = None
+    try:
+        with GridProgress(
+            console,
+            grid.name,
+            pending,
+            done=outcome.done,
+            total=outcome.total,
+            done_states=tracking.DONE,
+        ) as progress:
+            tried: set[str] = set()
+            while pending:
+                run_round(session, queue, pending, progress.update, outcome)
+                tried.update(cell.key for cell in pending)
+                if outcome.rounds is None or outcome.exit_code:
+                    break
+                pending = _next_round(grid, store, queue, tried, outcome)
+                progress.add(pending, total=outcome.total)
+        outcome.elsewhere = len(queue.running_elsewhere())
+        ended = outcome
+    finally:  # the parent run says how this invocation ended, whatever happened
+        close_grid(session, store, ended)
     return outcome
 
 
 def _plan(grid: Grid, rows: list[PlanRow], outcome: GridOutcome) -> list[Cell]:
     """The cells to train now: every cell not done, or with rounds, the planned cells not done.
     Records the rounds and the grid's total (its planned cells, with rounds) in `outcome`."""
-    plan = grid_rounds(grid, rows)
-    if plan is not None:
-        outcome.rounds = plan
-        planned = set(plan.planned)
+    rounds = grid_rounds(grid, rows)
+    if rounds is not None:
+        outcome.rounds = rounds
+        planned = set(rounds.planned)
         rows = [row for row in rows if row.cell.key in planned]
     outcome.total = len(rows)
     return [row.cell for row in rows if row.status not in tracking.DONE]
@@ -191,6 +203,28 @@ def _next_round(
         if not left & queue.running_elsewhere():
             return []
         time.sleep(ROUND_POLL_SECONDS)
+
+
+def close_grid(session: Session, store: tracking.Store, outcome: GridOutcome | None) -> None:
+    """End the parent run's invocation: its status, and the grid's cells by state (metrics
+    ``cells_total``, ``cells_done`` (a result: finished or diverged), ``cells_diverged``,
+    ``cells_failed``, ``cells_killed``)."""
+    rows = plan(session.grid, store, session.experiment_id)
+    rounds = grid_rounds(session.grid, rows)
+    if rounds is not None:  # with seeds until decided: the cells planned so far
+        planned = set(rounds.planned)
+        rows = [row for row in rows if row.cell.key in planned]
+    count = Counter(row.status for row in rows)
+    counts = {
+        "cells_total": len(rows),
+        "cells_done": sum(count[s] for s in tracking.DONE),
+        "cells_diverged": count["diverged"],
+        "cells_failed": count["failed"],
+        "cells_killed": count["killed"],
+    }
+    all_done = counts["cells_done"] == len(rows)
+    elsewhere = outcome.elsewhere if outcome is not None else 0
+    close_session(session, store, invocation_status(outcome, all_done, elsewhere), counts)
 
 
 def run_round(

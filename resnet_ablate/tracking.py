@@ -44,16 +44,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, Experiment, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
 from .errors import UserError
+from .provenance import DatasetRecord
 
 TAG_ROLE = "ablate.role"
 TAG_GRID = "ablate.grid"
@@ -67,6 +70,9 @@ TAG_SETTINGS = "ablate.settings"
 TAG_DEVICE = "ablate.device"
 TAG_PRECISION = "ablate.precision"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_OVERRIDES = "ablate.overrides"
+TAG_TRAIN_IMAGES = "ablate.data.train_images"
+TAG_TEST_IMAGES = "ablate.data.test_images"
 
 #: Cell states that are results: such a cell is not trained again. (The others: `new`, with
 #: no run yet, `running`, `failed` and `killed`.)
@@ -181,7 +187,7 @@ def open_store(uri: str | None, results: Path) -> Store:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        with lock:  # creating a new SQLite store from two processes at once races
+        with lock, _quiet_noload():  # a new SQLite store from two processes at once races
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
@@ -195,6 +201,20 @@ def existing_store(uri: str | None, results: Path) -> Store | None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
     return open_store(uri, results)
+
+
+@contextlib.contextmanager
+def _quiet_noload() -> Iterator[None]:
+    """MLflow's SQL store configures SQLAlchemy's `noload` strategy, deprecated in SQLAlchemy
+    2.1: its warning, raised where the store sets up its tables, is silenced there only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The ``noload`` loader strategy is deprecated",
+            category=DeprecationWarning,
+            module=r"mlflow\.store\.tracking\.sqlalchemy_store",
+        )
+        yield
 
 
 @contextlib.contextmanager
@@ -295,6 +315,11 @@ def log_batch(
         store.client.log_batch(run_id, tags=tags_[i : i + 100])
 
 
+def param_texts(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as a run stores them: text, lists as JSON, None as `null`."""
+    return {k: _param_value(v) for k, v in params.items()}
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
@@ -334,6 +359,36 @@ def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
     store.client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
+def log_dataset(
+    store: Store, run_id: str, record: DatasetRecord, context: str = "training"
+) -> None:
+    """Record the dataset a run used as an MLflow dataset input (the runs table's Dataset
+    column): name, digest, source and split sizes (its profile); the sizes also as tags."""
+    dataset = MlflowDataset(
+        name=record.name,
+        digest=record.digest,
+        source_type="local",
+        source=json.dumps({"uri": record.source or record.name}),
+        profile=json.dumps(record.sizes),
+    )
+    tags = [InputTag("mlflow.data.context", context)]
+    store.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+    sizes = {TAG_TRAIN_IMAGES: record.sizes.get("train"), TAG_TEST_IMAGES: record.sizes.get("test")}
+    log_batch(store, run_id, tags={k: str(v) for k, v in sizes.items() if v is not None})
+
+
+def run_datasets(store: Store, run_id: str) -> list[DatasetRecord]:
+    """The datasets a run recorded as inputs."""
+    run = store.client.get_run(run_id)
+    records = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        data = item.dataset
+        source = json.loads(data.source).get("uri", "") if data.source else ""
+        sizes = json.loads(data.profile) if data.profile else {}
+        records.append(DatasetRecord(data.name, data.digest, source, sizes))
+    return records
+
+
 def log_text(store: Store, run_id: str, name: str, text: str) -> None:
     """Store a text artifact (a crash's traceback) with the run."""
     store.client.log_text(run_id, text, name)
@@ -343,17 +398,29 @@ def log_text(store: Store, run_id: str, name: str, text: str) -> None:
 # The runs of a grid.
 
 
-def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mapping[str, str]) -> str:
-    """The grid's parent run: found by tag, created on first use (tagged with `provenance`)."""
-    found = first_run(store, experiment_id, "grid", {TAG_GRID: grid.name})
+def grid_run_id(
+    store: Store,
+    experiment_id: str,
+    grid: Grid,
+    provenance: Mapping[str, str],
+    running: bool = False,
+) -> str:
+    """The grid's parent run: found by grid name and overrides, created on first use (tagged
+    with `provenance`). `running`: the run is (re)marked RUNNING, to be ended by
+    ``end_grid_run`` when the invocation ends; else a new one is ended at once."""
+    found = grid_run(store, experiment_id, grid)
     if found is not None:
+        if running:
+            store.client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id
+    overrides = overrides_tag(grid.overrides)
     spec = RunSpec(
-        name=grid.name,
+        name=grid.name + (f" ({overrides})" if overrides else ""),
         role="grid",
         status=None,
         tags={
             TAG_GRID: grid.name,
+            **({TAG_OVERRIDES: overrides} if overrides else {}),
             "mlflow.note.content": grid.spec.description,
             **{f"grid.{k}": v for k, v in grid.spec.tags.items()},
             **provenance,
@@ -365,23 +432,81 @@ def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mappin
         },
     )
     run_id = create_run(store, experiment_id, spec)
-    store.client.set_terminated(run_id, "FINISHED")
+    if not running:
+        store.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def cell_run_spec(cell: Cell, parent_id: str, tags: Mapping[str, str]) -> RunSpec:
-    """A cell's run: named by its label, tagged with its key, every config field a param."""
+def overrides_tag(overrides: Sequence[str]) -> str:
+    """The ``ablate.overrides`` tag of runs made with `--set` overrides: `a=1; b=2`."""
+    return "; ".join(overrides)
+
+
+def tag_overrides(run: Run) -> tuple[str, ...]:
+    """The `--set` overrides a run was made with (empty: the grid file as written)."""
+    text = run.data.tags.get(TAG_OVERRIDES, "")
+    return tuple(text.split("; ")) if text else ()
+
+
+def grid_run(store: Store, experiment_id: str, grid: Grid) -> Run | None:
+    """The oldest parent run of this grid with the same overrides, or None."""
+    where = f"tags.`{TAG_ROLE}` = 'grid' and tags.`{TAG_GRID}` = '{grid.name}'"
+    runs = store.client.search_runs(
+        [experiment_id], filter_string=where, order_by=["attributes.start_time ASC"]
+    )
+    for run in runs:
+        if tag_overrides(run) == grid.overrides:
+            return run
+    return None
+
+
+def end_grid_run(store: Store, run_id: str, status: str, counts: Mapping[str, float] = {}) -> None:
+    """End the grid's parent run with MLflow status `status` (FINISHED, FAILED, KILLED, or
+    RUNNING to leave it open while cells still run elsewhere) and its summary `counts`."""
+    if counts:
+        log_metrics(store, run_id, counts, step=0)
+    if status != "RUNNING":
+        store.client.set_terminated(run_id, status)
+
+
+def publish_report(store: Store, grid: Grid, folder: Path) -> bool:
+    """Store a grid's report folder (report, figures, summaries) as artifacts ``report/`` of
+    its parent run, so users of a shared server find it; False when the grid has no run yet."""
+    found = find_experiment(store, grid.name)
+    run = grid_run(store, found.experiment_id, grid) if found is not None else None
+    if run is None:
+        return False
+    store.client.log_artifacts(run.info.run_id, str(folder), "report")
+    return True
+
+
+def cell_run_spec(
+    cell: Cell, parent_id: str, tags: Mapping[str, str], overrides: Sequence[str] = ()
+) -> RunSpec:
+    """A cell's run: named by its label, tagged with its key (and the `--set` overrides that
+    made it, if any), every config field a param."""
+    extra = {TAG_OVERRIDES: overrides_tag(overrides)} if overrides else {}
     return RunSpec(
         name=cell.label,
         role="cell",
         parent_id=parent_id,
-        tags={TAG_KEY: cell.key, TAG_LABEL: cell.label, **tags},
+        tags={TAG_KEY: cell.key, TAG_LABEL: cell.label, **extra, **tags},
         params=cell.params,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Reading.
+
+
+def get_run(store: Store, run_id: str) -> Run:
+    """A run by id; a TrackingError that says so when the store has none."""
+    try:
+        return store.client.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"run {run_id}: no such run in {store.uri}; `ablate ls GRID` lists the runs' ids"
+        ) from None
 
 
 def find_experiment(store: Store, name: str) -> Experiment | None:
@@ -472,11 +597,29 @@ def download_json(store: Store, run_id: str, name: str) -> Any:
             os.environ[_PROGRESS] = previous
 
 
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the UI's "Model training" mode (MLflow 3 opens an
+    experiment on its GenAI overview otherwise)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """The UI's compare view of these runs (its route takes the ids as JSON lists)."""
+    runs = urllib.parse.quote(json.dumps(list(run_ids)), safe="")
+    experiments = urllib.parse.quote(json.dumps([experiment_id]), safe="")
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def server_base(uri: str) -> str | None:
+    """The UI address of an http(s) tracking server (without credentials), else None."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # never put credentials into a report
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def ui_url(uri: str, experiment_id: str, run_id: str, ui_base: str | None = None) -> str:
     """Link to a run in the MLflow UI (the server itself, or `ablate ui`'s default address)."""
-    if ui_base is None and uri.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(uri)
-        netloc = parts.netloc.rsplit("@", 1)[-1]  # never put credentials into a report
-        ui_base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    base = ui_base or "http://127.0.0.1:5000"
+    base = ui_base or server_base(uri) or "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

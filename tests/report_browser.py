@@ -182,6 +182,42 @@ class Chromium:
         self.send("Target.closeTarget", {"targetId": target})
         return PageResult(images=images, errors=errors, screenshot=base64.b64decode(shot))
 
+    def render(
+        self, url: str, texts: list[str], timeout: float = 120.0, width: int = 1280
+    ) -> tuple[str, bytes]:
+        """Load `url` (a page drawn by script) in a viewport `width` pixels wide and poll its
+        text until every one of `texts` shows; return the text and a screenshot of the viewport.
+        TimeoutError if they never do (the text then is in the message)."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        self.send("Page.enable", session=session)
+        metrics = {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+        self.send("Emulation.setDeviceMetricsOverride", metrics, session=session)
+        self.send("Page.navigate", {"url": url}, session=session)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.send(
+                "Runtime.evaluate",
+                {
+                    "expression": "document.body ? document.body.innerText : ''",
+                    "returnByValue": True,
+                },
+                session=session,
+            )["result"].get("value", "")
+            if all(t in text for t in texts):
+                break
+            time.sleep(0.5)
+        else:
+            self.send("Target.closeTarget", {"targetId": target})
+            raise TimeoutError(f"{url} never showed {texts}; it showed: {text[:2000]}")
+        time.sleep(1.0)  # let the table finish its layout before the picture
+        shot = self.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
+        self.send("Target.closeTarget", {"targetId": target})
+        return text, base64.b64decode(shot)
+
     def close(self) -> None:
         with contextlib.suppress(OSError, RuntimeError, TimeoutError):
             self.send("Browser.close")

@@ -349,7 +349,7 @@ def test_a_real_mlflow_server_as_tracking_uri(tmp_path, mlflow_server):
         assert steps(client, run.info.run_id) == [1]
         assert "grad_flow.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "results" / "mlflow.db").exists()
-    assert (tmp_path / "results" / "smoke" / "report.html").exists()
+    assert (tmp_path / "results" / "smoke+train.epochs=1" / "report.html").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_run_tuned_trains_with_each_study_s_best_values_and_reports_them(tuned):
         assert run.data.params["train.epochs"] == "1"
         assert "train.lr" in run.data.tags["ablate.settings"]
 
-    report = workdir / "results" / "smoke-tune"
+    report = workdir / "results" / "smoke-tune+train.epochs=1"  # the overrides make its folder
     html = (report / "report.html").read_text()
     assert '<section id="tuning">' in html and "fig-tuning" in html
     assert "best of 3 trials per configuration" in html

@@ -23,6 +23,8 @@ from ..tracking import (
     TAG_LABEL,
     TAG_REASON,
     TAG_SETTINGS,
+    TAG_TEST_IMAGES,
+    TAG_TRAIN_IMAGES,
     Store,
     cell_runs,
     cell_status,
@@ -84,6 +86,9 @@ CELL_COLUMNS = [
     "run_id",
     "url",
     "artifact_uri",
+    "run_epochs",
+    "train_images",
+    "test_images",
 ]
 
 
@@ -182,14 +187,29 @@ def _cell_row(
         row["url"] = ui_url(store.uri, experiment_id or "", run_id)
         row["images_per_second"] = speed.get(run_id, math.nan)
         row["epochs_done"] = epochs_done.get(run_id, 0)
+        row["run_epochs"] = _number(_floats(run.data.params), "train.epochs")
+        row["train_images"] = _number(_floats(run.data.tags), TAG_TRAIN_IMAGES)
+        row["test_images"] = _number(_floats(run.data.tags), TAG_TEST_IMAGES)
     else:
         row["images_per_second"] = math.nan
         row["epochs_done"] = 0
+        row["run_epochs"] = row["train_images"] = row["test_images"] = math.nan
     row["params"] = _number(metrics, "model_params")
     row["macs"] = _number(metrics, "model_macs")
     for key in FINAL_KEYS[:5]:
         row[key] = _number(metrics, key)
     return row
+
+
+def _floats(values: dict[str, str]) -> dict[str, float]:
+    """The values of a run's params or tags that are numbers."""
+    out = {}
+    for key, text in values.items():
+        try:
+            out[key] = float(text)
+        except ValueError:
+            continue
+    return out
 
 
 def run_settings(run: Run, tuned_fields: list[str]) -> str:

@@ -29,6 +29,7 @@ import jinja2
 import pandas as pd
 
 from ..config import SECTIONS, CellConfig, Grid
+from ..plan import other_settings
 from ..rounds import Rounds, replay, schedule_of
 from ..tracking import Store
 from . import plots
@@ -122,6 +123,12 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
         "provenance": _provenance(grid, store, records),
         "epochs": sorted(cells["epochs"].unique().tolist()),
         "datasets": sorted(cells["dataset"].unique().tolist()),
+        "overrides": grid.overrides_text,
+        "ran": what_ran(cells),
+        "other_settings": [
+            {"text": o.describe(), "command": o.command("report", grid)}
+            for o in other_settings(grid, store)
+        ],
     }
     html = render(context_values)
     path = out_dir / "report.html"
@@ -176,6 +183,26 @@ def _rounds_note(verdicts: Verdicts, rounds: Rounds | None) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------------------------
 # Tables.
+
+
+def what_ran(cells: pd.DataFrame) -> str:
+    """Epochs and images of the cells that have runs, read from the runs (their params and
+    dataset tags), e.g. `3 epochs of 6,000 training images, tested on 2,000`; empty without."""
+    ran = cells[cells["run_id"] != ""]
+    epochs = _alternatives(ran["run_epochs"])
+    if not epochs:
+        return ""
+    text = f"{epochs} epoch" + ("" if epochs == "1" else "s")
+    if train := _alternatives(ran["train_images"]):
+        text += f" of {train} training images"
+    if test := _alternatives(ran["test_images"]):
+        text += f", tested on {test}"
+    return text
+
+
+def _alternatives(values: pd.Series) -> str:
+    """`3`, or `3 or 8` when the runs differ; empty when none has a value."""
+    return " or ".join(f"{n:,}" for n in sorted({int(v) for v in values.dropna()}))
 
 
 def summarise(cells: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,17 @@ from rich.console import Console
 from .. import tracking
 from ..cellqueue import reap_stale, storage_for
 from ..config import Grid, flatten
-from ..engine import Outcome, RunOptions, Session, check_data, contexts, open_session, run_pool
+from ..engine import (
+    Outcome,
+    RunOptions,
+    Session,
+    check_data,
+    close_session,
+    contexts,
+    invocation_status,
+    open_session,
+    run_pool,
+)
 from ..errors import UserError
 from ..progress import GridProgress
 from ..provenance import provenance
@@ -62,26 +72,31 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
         return outcome
     check_data([t.base for t in found])  # a missing dataset stops us before anything is logged
     session = open_session(grid, options, store)
-    runs = {t.key: tuning_run(store, session, t) for t in found}
-    session = replace(session, parents=runs)
-    workers = max(1, min(options.workers, remaining))
-    done = [min(s.finished, spec.trials) for s in states]
-    pending = [
-        s.target.base for s, d in zip(states, done, strict=True) for _ in range(spec.trials - d)
-    ]
-    with GridProgress(
-        console,
-        grid.name,
-        pending,
-        done=sum(done),
-        total=spec.trials * len(states),
-        done_states=FINISHED,
-        noun="trials",
-    ) as progress:
-        run_pool(contexts(session, workers), trial.work, progress.update, outcome)
-    outcome.states = [study_state(storage, t, spec.trials) or StudyState(t) for t in found]
-    for state in outcome.states:
-        close_tuning_run(store, runs[state.target.key], state, spec.trials, outcome.interrupted)
+    ended: TuneOutcome | None = None
+    try:
+        runs = {t.key: tuning_run(store, session, t) for t in found}
+        session = replace(session, parents=runs)
+        workers = max(1, min(options.workers, remaining))
+        done = [min(s.finished, spec.trials) for s in states]
+        pending = [
+            s.target.base for s, d in zip(states, done, strict=True) for _ in range(spec.trials - d)
+        ]
+        with GridProgress(
+            console,
+            grid.name,
+            pending,
+            done=sum(done),
+            total=spec.trials * len(states),
+            done_states=FINISHED,
+            noun="trials",
+        ) as progress:
+            run_pool(contexts(session, workers), trial.work, progress.update, outcome)
+        outcome.states = [study_state(storage, t, spec.trials) or StudyState(t) for t in found]
+        for state in outcome.states:
+            close_tuning_run(store, runs[state.target.key], state, spec.trials, outcome.interrupted)
+        ended = outcome
+    finally:  # the parent run says how this invocation ended, whatever happened
+        close_session(session, store, invocation_status(ended, True, 0))
     return outcome
 
 
