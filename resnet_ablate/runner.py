@@ -22,6 +22,7 @@ from rich.console import Console
 from . import tracking
 from .cellqueue import CellQueue, storage_for
 from .config import Cell, Grid
+from .databases import check_urls
 from .engine import (
     Job,
     Outcome,
@@ -123,6 +124,8 @@ class GridOutcome(Outcome):
 
 def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     """Train every cell of the grid that is not done; returns what happened."""
+    # A shared queue's database and driver are checked before anything is written anywhere.
+    check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.existing_store(options.tracking_uri, options.results)
     if store is None:  # a missing dataset stops us before a new store is created
         check_data(grid.cells)

@@ -53,6 +53,7 @@ from mlflow.entities import Experiment, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
+from .databases import masked
 from .errors import UserError
 
 TAG_ROLE = "ablate.role"
@@ -83,6 +84,7 @@ MLFLOW_STATUS = {
     "killed": "KILLED",
 }
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 class TrackingError(UserError):
@@ -178,6 +180,8 @@ def open_store(uri: str | None, results: Path) -> Store:
         check_results_dir(db.parent)
         artifact_root = db.parent / "mlartifacts"
         lock = _file_lock(db.with_name(db.name + ".lock"))
+    # The console is the tool's own: no "View run ... at" line from MLflow after every run.
+    os.environ[_QUIET_URLS] = "true"
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -185,7 +189,8 @@ def open_store(uri: str | None, results: Path) -> Store:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
-        raise TrackingError(f"tracking store {uri} cannot be opened: {_first_line(err)}") from None
+        reason = _first_line(err)
+        raise TrackingError(f"tracking store {masked(uri)} cannot be opened: {reason}") from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from .. import tracking
 from ..cellqueue import reap_stale, storage_for
 from ..config import Grid, flatten
+from ..databases import check_urls
 from ..engine import Outcome, RunOptions, Session, check_data, contexts, open_session, run_pool
 from ..errors import UserError
 from ..progress import GridProgress
@@ -52,6 +53,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     """Run every study of the grid up to its budget."""
     spec = tune_spec(grid)
     found = targets(grid)
+    check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.open_store(options.tracking_uri, options.results)
     tracking.check_results_dir(options.results)
     storage = storage_for(options.queue, options.results, grid.name)
