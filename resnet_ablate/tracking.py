@@ -20,7 +20,8 @@ The record a grid leaves in MLflow (the report and `ablate ls` read only this):
   ``ablate.role=cell``, ``ablate.cell_key``, ``ablate.label``, ``ablate.status`` (running,
   finished, diverged, failed, killed), ``ablate.reason`` (why it diverged or failed),
   ``ablate.git_commit``, ``ablate.torch_version``, ``ablate.device``, ``ablate.precision``,
-  ``ablate.settings`` (``default`` or how tuned values were chosen), and whatever the trainer
+  ``ablate.settings`` (``default`` or how tuned values were chosen), ``ablate.host`` (the
+  machine that trained it), and whatever the trainer
   reports about what actually ran (``CellResult.tags``); every config field as a flat
   param (``model.depth``); metrics ``model_params`` and ``model_macs`` (step 0); per-epoch metrics
   (step = epoch, from 1): ``train_loss``, ``train_err``, ``test_loss``, ``test_err``, ``val_loss``,
@@ -67,6 +68,7 @@ TAG_DESCRIPTION = "ablate.description"
 TAG_SETTINGS = "ablate.settings"
 TAG_DEVICE = "ablate.device"
 TAG_PRECISION = "ablate.precision"
+TAG_HOST = "ablate.host"
 TAG_PARENT = "mlflow.parentRunId"
 
 #: Cell states that are results: such a cell is not trained again. (The others: `new`, with
@@ -372,6 +374,23 @@ def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mappin
     run_id = create_run(store, experiment_id, spec)
     store.client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def run_active(store: Store, run_id: str) -> bool:
+    """Whether a run exists and is not deleted."""
+    try:
+        return store.client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # not found in this store
+        return False
+
+
+def supersede_run(store: Store, run_id: str, reason: str) -> None:
+    """Set a cell's partial run aside (deleted, so the cell shows one clean history; it can be
+    restored in the MLflow UI): its training is not continued, the cell starts again."""
+    log_batch(store, run_id, tags={TAG_REASON: reason[:4000]})
+    if store.client.get_run(run_id).info.status == "RUNNING":
+        store.client.set_terminated(run_id, MLFLOW_STATUS["killed"])
+    store.client.delete_run(run_id)
 
 
 def cell_run_spec(cell: Cell, parent_id: str, tags: Mapping[str, str]) -> RunSpec:
