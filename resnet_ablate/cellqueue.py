@@ -69,6 +69,9 @@ def host_name() -> str:
 def storage_for(url: str | None, results: Path, grid_name: str) -> optuna.storages.BaseStorage:
     """Optuna storage: a journal file under results/queue/ by default, else a database URL
     (with Optuna's heartbeat on, judged by the database's clock)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the console is the tool's own
 
     if url and "://" in url:
         return _database_storage(url)
