@@ -343,7 +343,7 @@ def agree_once(
     name: str,
     make: Callable[[], str],
     valid: Callable[[str], bool],
-    wait_seconds: float = 60.0,
+    wait_seconds: float = 120.0,
 ) -> str:
     """One value for every process sharing `storage`, made once (the grid's parent run).
 

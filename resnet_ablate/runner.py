@@ -102,7 +102,7 @@ def claim_next(queue: CellQueue) -> Claim | None:
             continue
         if not queue.running_elsewhere():
             return None
-        time.sleep(heartbeat_seconds())
+        time.sleep(min(2.0, heartbeat_seconds()))
     return mine
 
 
