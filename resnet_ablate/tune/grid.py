@@ -63,7 +63,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     if not remaining:
         return outcome
     check_data([t.base for t in found])  # a missing dataset stops us before anything is logged
-    session = open_session(grid, options, store)
+    session = open_session(grid, options, store, storage)
     runs = {t.key: tuning_run(store, session, t) for t in found}
     session = replace(session, parents=runs)
     workers = max(1, min(options.workers, remaining))
