@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -609,7 +610,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UserError as err:
-        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # The message is plain text: brackets in it (an extra's name) are not markup.
+        errors.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         errors.print("Interrupted.")

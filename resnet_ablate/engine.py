@@ -24,8 +24,8 @@ the outcome never import this module's callers.
 Where coming work plugs in:
 
 - One parent run per grid across machines: ``open_session`` is the only place the parent is
-  found or created; with a shared ``--queue`` it can take the parent's id from the queue's
-  storage (first writer wins) instead of searching MLflow. Every worker gets it via `Session`.
+  found or created; given the queue's storage, the processes sharing it agree on one through it
+  (``cellqueue.agree_once``: the first to create the grid's entry makes the run).
 - A parent run whose status tells the truth: ``open_session`` marks it RUNNING, and
   ``close_session`` after the pool (``runner.close_grid``, ``tune_grid``) ends it with
   ``invocation_status`` (interrupted: KILLED, failures or crashes: FAILED, every cell done:
@@ -36,9 +36,9 @@ Where coming work plugs in:
 - Points within an epoch: ``_EpochLog`` holds a ``tracking.MetricLog``; a trainer callback
   ``on_progress(iteration, metrics)`` adds points to it (step = iteration) and they go out in
   the same chunked calls as the epoch's metrics.
-- A dead worker's cell taken over: a claim returns a cell whose run is ``running``;
-  ``runner.cell_job`` turns it into a ``Job`` with ``resume``, and the engine continues that
-  run from the checkpoint without logging an epoch twice.
+- A dead worker's cell taken over: the runner claims it from the queue; the engine continues
+  its run only where this machine holds the run's checkpoint (``continues``: the file beside the
+  checkpoint names the run), else the cell starts again in a new run.
 """
 
 from __future__ import annotations
@@ -53,16 +53,21 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import tracking, train
+from .cellqueue import agree_once
 from .config import Cell, CellConfig, DataSpec, Grid
 from .data import Dataset, load_dataset
 from .device import ExecOptions, resolve_runtime
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
 from .provenance import DatasetRecord, dataset_record, provenance
+
+if TYPE_CHECKING:
+    import optuna
 
 INTERRUPTED = "interrupted (Ctrl-C); rerun to resume"
 
@@ -132,11 +137,28 @@ class Session:
     parents: Mapping[str, str] = field(default_factory=dict)
 
 
-def open_session(grid: Grid, options: RunOptions, store: tracking.Store) -> Session:
+def open_session(
+    grid: Grid,
+    options: RunOptions,
+    store: tracking.Store,
+    storage: optuna.storages.BaseStorage | None = None,
+) -> Session:
     """The grid's experiment and parent run (created on first use), marked RUNNING until
-    ``close_session`` ends it."""
+    ``close_session`` ends it. Given the queue's `storage`, the processes and machines sharing
+    it agree on one parent run through it, however many start the grid at the same moment."""
     experiment_id = store.experiment_id(grid.name, grid.spec.description)
-    parent_id = tracking.grid_run_id(store, experiment_id, grid, provenance(), running=True)
+
+    def make() -> str:
+        return tracking.grid_run_id(store, experiment_id, grid, provenance(), running=True)
+
+    if storage is None:
+        parent_id = make()
+    else:
+        name = f"parent:{grid.name}" + "".join(f" --set {o}" for o in grid.overrides)
+        parent_id = agree_once(
+            storage, name, make, lambda run_id: tracking.run_active(store, run_id)
+        )
+        tracking.reopen_run(store, parent_id, {})
     if grid.path.is_file():  # the grid file as this invocation read it
         text = grid.path.read_text(encoding="utf-8")
         tracking.log_text(store, parent_id, f"grid/{grid.path.name}", text)
@@ -295,6 +317,9 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
     """
     store = worker.store
     run_id = _open_run(job, worker)
+    if job.checkpoint is not None:  # whoever finds this checkpoint knows which run it continues
+        checkpoint_run(job.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_run(job.checkpoint).write_text(run_id)
     if hooks.started is not None:
         hooks.started(run_id)
     epochs = _EpochLog(job, worker, run_id, hooks.epoch)
@@ -317,7 +342,7 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         )
     except Stop as stop:
         tracking.end_run(store, run_id, stop.status, stop.reason)
-        _remove(job.checkpoint)
+        remove_checkpoint(job.checkpoint)
         left = job.config.train.epochs - epochs.reached
         worker.emit(Skipped(worker.number, job.key, left))
         return _ended(job, worker, Ending(stop.status, stop.reason))
@@ -379,7 +404,7 @@ def _record_end(
     if result.resumed_from:
         tags[tracking.TAG_RESUMED] = str(result.resumed_from)
     tracking.end_run(store, run_id, ending.status, ending.reason, tags)
-    _remove(job.checkpoint)
+    remove_checkpoint(job.checkpoint)
     return replace(ending, metrics=final)
 
 
@@ -395,9 +420,26 @@ def _ended(job: Job, worker: Worker, ending: Ending) -> Ending:
     return ending
 
 
-def _remove(checkpoint: Path | None) -> None:
+def checkpoint_run(checkpoint: Path) -> Path:
+    """The file beside a checkpoint that names the MLflow run its training is recorded in."""
+    return checkpoint.with_suffix(".run")
+
+
+def continues(checkpoint: Path | None, run_id: str) -> bool:
+    """Whether this machine holds a checkpoint of the training recorded in `run_id`."""
+    if checkpoint is None or not checkpoint.exists():
+        return False
+    try:
+        return checkpoint_run(checkpoint).read_text().strip() == run_id
+    except OSError:
+        return False
+
+
+def remove_checkpoint(checkpoint: Path | None) -> None:
+    """Drop a checkpoint and the note of its run (the training ended, or is not continued)."""
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
+        checkpoint_run(checkpoint).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

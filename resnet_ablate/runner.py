@@ -23,20 +23,24 @@ from mlflow.entities import Run
 from rich.console import Console
 
 from . import tracking
-from .cellqueue import CellQueue, storage_for
+from .cellqueue import CellQueue, Claim, heartbeat_seconds, host_name, storage_for
 from .config import Cell, Grid
+from .databases import check_urls
 from .engine import (
     Job,
     Outcome,
     RunOptions,
     Session,
+    Worker,
     WorkerContext,
     check_data,
     close_session,
     contexts,
+    continues,
     dataset_record_for,
     invocation_status,
     open_session,
+    remove_checkpoint,
     run_pool,
     train_tracked,
 )
@@ -72,7 +76,7 @@ def grid_queue(session: Session) -> CellQueue:
 
 def cell_job(session: Session, cell: Cell, existing: Run | None) -> Job:
     """A cell as the engine trains it: into its own run (or the interrupted one, resumed)."""
-    tags = {tracking.TAG_SETTINGS: session.options.settings}
+    tags = {tracking.TAG_SETTINGS: session.options.settings, tracking.TAG_HOST: host_name()}
     return Job(
         key=cell.key,
         label=cell.label,
@@ -84,22 +88,52 @@ def cell_job(session: Session, cell: Cell, existing: Run | None) -> Job:
     )
 
 
+def continuable(worker: Worker, session: Session, cell: Cell, existing: Run | None) -> Run | None:
+    """The cell's unfinished run if this machine holds its checkpoint, to be continued; else
+    None, and a partial run is set aside: the cell starts again in a new run. A cell whose
+    worker died elsewhere thus ends as one training, never two spliced into one history."""
+    if existing is None:
+        return None
+    checkpoint = checkpoint_path(session.options.results, session.grid, cell)
+    if continues(checkpoint, existing.info.run_id):
+        return existing
+    reason = f"set aside: {host_name()} restarted the cell (no checkpoint of this run there)"
+    tracking.supersede_run(worker.store, existing.info.run_id, reason)
+    remove_checkpoint(checkpoint)
+    return None
+
+
+def claim_next(queue: CellQueue) -> Claim | None:
+    """The next cell for this worker. With none waiting, cells whose owner stopped beating are
+    taken over; while other owners still train, the worker waits to take theirs over should
+    they die. None once no cell is waiting or running anywhere."""
+    while (mine := queue.claim()) is None:
+        if queue.take_over():
+            continue
+        if not queue.running_elsewhere():
+            return None
+        time.sleep(min(2.0, heartbeat_seconds()))
+    return mine
+
+
 def work(ctx: WorkerContext, emit: Emit) -> None:
     """Train cells from the queue until it is empty. Ctrl-C stops after recording the cell."""
     worker = ctx.open(emit)
     session = ctx.session
     cells = {cell.key: cell for cell in session.grid.cells}
     queue = grid_queue(session)
-    while (mine := queue.claim()) is not None:
+    while (mine := claim_next(queue)) is not None:
         cell = cells.get(mine.key)
         if cell is None:  # queued by another version of the grid file
             queue.release(mine, duplicate=True)
             continue
-        existing = tracking.cell_runs(worker.store, session.experiment_id).get(cell.key)
-        if tracking.cell_status(existing) in tracking.DONE:
-            queue.complete(mine, existing.data.metrics.get("final_test_err", math.nan), "done")
-            continue
         with queue.heartbeat(mine):
+            existing = tracking.cell_runs(worker.store, session.experiment_id).get(cell.key)
+            if tracking.cell_status(existing) in tracking.DONE:
+                final = existing.data.metrics.get("final_test_err", math.nan)
+                queue.complete(mine, final, "done")
+                continue
+            existing = continuable(worker, session, cell, existing)
             try:
                 ending = train_tracked(cell_job(session, cell, existing), worker)
             except KeyboardInterrupt:
@@ -135,6 +169,8 @@ class GridOutcome(Outcome):
 
 def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     """Train every cell of the grid that is not done; returns what happened."""
+    # A shared queue's database and driver are checked before anything is written anywhere.
+    check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.existing_store(options.tracking_uri, options.results)
     if store is None:  # a missing dataset stops us before a new store is created
         check_data(grid.cells)
@@ -148,10 +184,11 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     if not pending:
         return outcome
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
-    session = open_session(grid, options, store)
+    storage = storage_for(options.queue, options.results, grid.name)
+    session = open_session(grid, options, store, storage)
     for spec in {cell.config.data for cell in pending}:  # the runs table's Dataset column
         tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
-    queue = grid_queue(session)
+    queue = CellQueue(storage, queue_name(grid))
     ended: GridOutcome | None = None
     try:
         with GridProgress(

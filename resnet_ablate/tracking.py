@@ -20,7 +20,8 @@ The record a grid leaves in MLflow (the report and `ablate ls` read only this):
   ``ablate.role=cell``, ``ablate.cell_key``, ``ablate.label``, ``ablate.status`` (running,
   finished, diverged, failed, killed), ``ablate.reason`` (why it diverged or failed),
   ``ablate.git_commit``, ``ablate.torch_version``, ``ablate.device``, ``ablate.precision``,
-  ``ablate.settings`` (``default`` or how tuned values were chosen), and whatever the trainer
+  ``ablate.settings`` (``default`` or how tuned values were chosen), ``ablate.host`` (the
+  machine that trained it), and whatever the trainer
   reports about what actually ran (``CellResult.tags``); every config field as a flat
   param (``model.depth``); metrics ``model_params`` and ``model_macs`` (step 0); per-epoch metrics
   (step = epoch, from 1): ``train_loss``, ``train_err``, ``test_loss``, ``test_err``, ``val_loss``,
@@ -55,6 +56,7 @@ from mlflow.entities import DatasetInput, Experiment, InputTag, Metric, Param, R
 from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
+from .databases import masked
 from .errors import UserError
 from .provenance import DatasetRecord
 
@@ -69,6 +71,7 @@ TAG_DESCRIPTION = "ablate.description"
 TAG_SETTINGS = "ablate.settings"
 TAG_DEVICE = "ablate.device"
 TAG_PRECISION = "ablate.precision"
+TAG_HOST = "ablate.host"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_OVERRIDES = "ablate.overrides"
 TAG_TRAIN_IMAGES = "ablate.data.train_images"
@@ -89,6 +92,7 @@ MLFLOW_STATUS = {
     "killed": "KILLED",
 }
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 class TrackingError(UserError):
@@ -184,6 +188,8 @@ def open_store(uri: str | None, results: Path) -> Store:
         check_results_dir(db.parent)
         artifact_root = db.parent / "mlartifacts"
         lock = _file_lock(db.with_name(db.name + ".lock"))
+    # The console is the tool's own: no "View run ... at" line from MLflow after every run.
+    os.environ[_QUIET_URLS] = "true"
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -191,7 +197,8 @@ def open_store(uri: str | None, results: Path) -> Store:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
-        raise TrackingError(f"tracking store {uri} cannot be opened: {_first_line(err)}") from None
+        reason = _first_line(err)
+        raise TrackingError(f"tracking store {masked(uri)} cannot be opened: {reason}") from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
 
 
@@ -478,6 +485,23 @@ def publish_report(store: Store, grid: Grid, folder: Path) -> bool:
         return False
     store.client.log_artifacts(run.info.run_id, str(folder), "report")
     return True
+
+
+def run_active(store: Store, run_id: str) -> bool:
+    """Whether a run exists and is not deleted."""
+    try:
+        return store.client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # not found in this store
+        return False
+
+
+def supersede_run(store: Store, run_id: str, reason: str) -> None:
+    """Set a cell's partial run aside (deleted, so the cell shows one clean history; it can be
+    restored in the MLflow UI): its training is not continued, the cell starts again."""
+    log_batch(store, run_id, tags={TAG_REASON: reason[:4000]})
+    if store.client.get_run(run_id).info.status == "RUNNING":
+        store.client.set_terminated(run_id, MLFLOW_STATUS["killed"])
+    store.client.delete_run(run_id)
 
 
 def cell_run_spec(

@@ -16,6 +16,7 @@ from rich.console import Console
 from .. import tracking
 from ..cellqueue import reap_stale, storage_for
 from ..config import Grid, flatten
+from ..databases import check_urls
 from ..engine import (
     Outcome,
     RunOptions,
@@ -62,6 +63,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     """Run every study of the grid up to its budget."""
     spec = tune_spec(grid)
     found = targets(grid)
+    check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.open_store(options.tracking_uri, options.results)
     tracking.check_results_dir(options.results)
     storage = storage_for(options.queue, options.results, grid.name)
@@ -71,7 +73,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     if not remaining:
         return outcome
     check_data([t.base for t in found])  # a missing dataset stops us before anything is logged
-    session = open_session(grid, options, store)
+    session = open_session(grid, options, store, storage)
     ended: TuneOutcome | None = None
     try:
         runs = {t.key: tuning_run(store, session, t) for t in found}
