@@ -20,7 +20,7 @@ import pytest
 from resnet_ablate import tracking
 from resnet_ablate.report import build_report
 from resnet_ablate.report.gradient_flow import gradient_summary, sci
-from resnet_ablate.report.records import load_grad_flow, read_histories
+from resnet_ablate.report.records import load_grad_flow, load_records, read_histories
 from tests.report_browser import Chromium, find_chromium
 from tests.report_store import PROVENANCE, Plan, make_grid, populate
 
@@ -128,15 +128,41 @@ def test_report_writes_html_csvs_and_embedded_figures(reports):
     _, html_path = reports["cifar"]
     out = html_path.parent
     assert {p.name for p in (out / "figures").iterdir()} == {
-        "error_curves.png", "error_vs_depth.png", "gradient_norms.png",
+        "error_iterations.png", "error_curves.png", "error_vs_depth.png", "gradient_norms.png",
     }  # fmt: skip
     html = html_path.read_text(encoding="utf-8")
     sources = re.findall(r'<img src="([^"]+)"', html)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     # Self-contained: nothing to fetch, no script.
     assert not re.search(r"<(script|link|iframe)\b", html)
     assert "url(" not in html and "@import" not in html
     assert "@media print" in html
+
+
+def test_the_first_figure_is_fig6_error_against_iterations(reports):
+    grid, html_path = reports["cifar"]
+    html = html_path.read_text(encoding="utf-8")
+    order = re.findall(r'<figure id="fig-([a-z_]+)"', html)
+    assert order[:2] == ["error_iterations", "error_curves"]  # the per-epoch figure follows
+    caption = html[html.index('id="fig-error_iterations"') : html.index('id="fig-error_curves"')]
+    assert "plain nets left, residual nets right" in caption
+    assert "20 points per epoch" in caption and "3 seeds" in caption
+    assert "minimum to maximum" in caption
+    # One panel per shortcut kind, side by side.
+    png = (html_path.parent / "figures" / "error_iterations.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 2.5 * height
+
+    frame = load_records(grid, reports["store"]).iterations
+    run = frame[(frame["label"] == "plain-56 basic post s0")]
+    train = sorted(run.loc[run["split"] == "train", "iteration"])
+    test = run[run["split"] == "test"].sort_values("iteration")
+    assert train == [390 * e + round(k / 20 * 390) for e in range(EPOCHS) for k in range(1, 21)]
+    assert list(test["iteration"]) == [390 * e for e in range(1, EPOCHS + 1)]
+    assert test["error"].iloc[-1] == pytest.approx(FINALS[("none", 56)][0] + 1.5)
+    # The run that diverged in epoch 3: its points and test errors up to there.
+    diverged = frame[frame["label"] == "res-proj-56 basic post s1"]
+    assert diverged["iteration"].max() == 3 * 390 and set(diverged["status"]) == {"diverged"}
 
 
 def test_summary_csv_has_every_cell_with_status_and_reason(reports):
