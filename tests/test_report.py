@@ -18,9 +18,11 @@ import pandas as pd
 import pytest
 
 from resnet_ablate import tracking
+from resnet_ablate.config import load_grid
 from resnet_ablate.report import build_report
 from resnet_ablate.report.gradient_flow import gradient_summary, sci
 from resnet_ablate.report.records import load_grad_flow, load_records, read_histories
+from tests.conftest import EXPERIMENTS, ablate
 from tests.report_browser import Chromium, find_chromium
 from tests.report_store import PROVENANCE, Plan, make_grid, populate
 
@@ -344,4 +346,38 @@ def test_report_opens_in_headless_chromium(reports, tmp_path):
             assert all(i["complete"] and i["width"] > 0 and i["height"] > 0 for i in page.images)
             assert page.errors == []
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_real_run_s_report_opens_on_error_against_iterations(tmp_path):
+    """The smoke grid trained for real: its runs hold the points within epochs, and its report
+    shows them first, as Fig. 6 is drawn, in a real browser where one is installed."""
+    done = ablate("run", str(EXPERIMENTS / "smoke.yaml"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = tmp_path / "results"
+    store = tracking.open_store(tracking.default_uri(results), results)
+    grid = load_grid(EXPERIMENTS / "smoke.yaml")
+    frame = load_records(grid, store).iterations
+    steps = 2000 // 64  # the synthetic training split at the smoke grid's batch size
+    for _, run in frame.groupby("run_id"):
+        train = sorted(run.loc[run["split"] == "train", "iteration"])
+        assert len(train) == 3 * 20 == len(set(train)) and train[-1] == 3 * steps
+        assert sorted(run.loc[run["split"] == "test", "iteration"]) == [steps, 2 * steps, 3 * steps]
+        assert run["error"].between(0, 100).all()
+    assert set(frame["family"]) == {"plain", "res"}
+
+    html_path = tmp_path / "results" / "smoke" / "report.html"
+    html = html_path.read_text(encoding="utf-8")
+    assert re.findall(r'<figure id="fig-([a-z_]+)"', html)[0] == "error_iterations"
+    binary = find_chromium()
+    if binary is None:
+        return
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open(html_path.as_uri())
+    first = page.images[0]
+    assert first["alt"] == "Error against iterations (He et al. 2015, Fig. 6)"
+    assert first["complete"] and first["width"] > 2 * first["height"] > 0  # two panels
+    assert page.errors == []
+    (tmp_path / "report.png").write_bytes(page.screenshot)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
