@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .config import Grid
     from .engine import Outcome
     from .plan import PlanRow
+    from .rounds import Rounds
     from .tune.grid import TuneOutcome
 
 app = typer.Typer(
@@ -39,6 +40,15 @@ SetOpt = Annotated[
         "--set", help="Override a field: --set train.epochs=2 (repeatable).", metavar="KEY=VALUE"
     ),
 ]
+SeedsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--seeds",
+        help="Seeds until decided, MIN:MAX (e.g. 3:10), or a fixed list, e.g. 0,1,2; "
+        "replaces the grid's seeds.",
+        metavar="MIN:MAX",
+    ),
+]
 ResultsOpt = Annotated[
     Path, typer.Option(help="Folder for reports, the embedded MLflow store and checkpoints.")
 ]
@@ -48,10 +58,24 @@ UriOpt = Annotated[
 ]
 
 
-def _grid(path: Path, overrides: list[str] | None) -> Grid:
+def _grid(path: Path, overrides: list[str] | None, seeds: str | None = None) -> Grid:
     from .config import load_grid
 
-    return load_grid(path, overrides or [])
+    return load_grid(path, [*(overrides or []), *([_seeds_override(seeds)] if seeds else [])])
+
+
+def _seeds_override(text: str) -> str:
+    """`--seeds 3:10` as `seeds={min: 3, max: 10}`; `--seeds 0,1,2` as `seeds=[0, 1, 2]`."""
+    low, colon, high = text.partition(":")
+    parts = [low, high] if colon else text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise UserError(
+            f"--seeds {text}: give MIN:MAX to add seeds until decided (e.g. 3:10) or a list "
+            "of seeds (e.g. 0,1,2)"
+        )
+    if colon:
+        return f"seeds={{min: {int(low)}, max: {int(high)}}}"
+    return f"seeds=[{', '.join(str(int(p)) for p in parts)}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +86,7 @@ def _grid(path: Path, overrides: list[str] | None) -> Grid:
 def run(
     grid_file: GridArg,
     set_: SetOpt = None,
+    seeds: SeedsOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List cells; train nothing.")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Cells trained at once.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -80,7 +105,7 @@ def run(
     report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
 ) -> None:
     """Train every cell of a grid that is not done yet, then write its report."""
-    grid = _grid(grid_file, set_)
+    grid = _grid(grid_file, set_, seeds)
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision {precision}: choose auto, bf16 or fp32")
     settings = "default"
@@ -120,6 +145,10 @@ def run(
         f"{outcome.total} in the grid"
         + (f"; {outcome.elsewhere} still running elsewhere" if outcome.elsewhere else "")
     )
+    if outcome.rounds is not None:
+        from .rounds import summary
+
+        console.print(summary(grid, outcome.rounds))
     if report:
         _write_report(grid, results, tracking_uri)
     raise typer.Exit(outcome.exit_code)
@@ -137,12 +166,16 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
     from .plan import states
 
     store = _existing_store(results, tracking_uri)
-    rows = {row.cell.key: row.status for row in states(grid, store)}
+    listed, rounds = _planned(grid, states(grid, store))
+    rows = {row.cell.key: row.status for row in listed}
+    shown = [row.cell for row in listed]
     sizes: dict[Any, Any] = {}
-    table = Table(title=f"{grid.name}: {len(grid.cells)} cells", title_justify="left")
-    for column in ["label", "key", *grid.axes, "params", "MACs", "status"]:
+    table = Table(title=f"{grid.name}: {len(shown)} cells", title_justify="left")
+    extra = ["round"] if rounds is not None else []
+    for column in ["label", "key", *grid.axes, "params", "MACs", "status", *extra]:
         table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
-    for cell in grid.cells:
+    added = rounds.round_of() if rounds is not None else {}
+    for cell in shown:
         channels, size, classes = input_shape(cell.config.data)
         spec = (cell.config.model, channels, size, classes)
         if spec not in sizes:
@@ -157,9 +190,28 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
             f"{info.params / 1e6:.2f}M",
             f"{info.macs / 1e6:.1f}M",
             rows[cell.key],
+            *([str(added[cell.key])] if rounds is not None else []),
         )
     console.print(table)
+    if rounds is not None:
+        from .rounds import summary
+
+        console.print(summary(grid, rounds))
+        console.print(f"{len(shown)} cells planned now; dry run, nothing trained or written.")
+        return
     console.print(f"{len(grid.cells)} cells; dry run, nothing trained or written.")
+
+
+def _planned(grid: Grid, rows: list[PlanRow]) -> tuple[list[PlanRow], Rounds | None]:
+    """The rows of the cells planned so far (with `seeds: {min, max}`: the rounds replayed from
+    the record), and the rounds (None for a fixed list of seeds)."""
+    from .rounds import grid_rounds
+
+    rounds = grid_rounds(grid, rows)
+    if rounds is None:
+        return rows, None
+    planned = set(rounds.planned)
+    return [row for row in rows if row.cell.key in planned], rounds
 
 
 def _existing_store(results: Path, tracking_uri: str | None) -> tracking.Store | None:
@@ -192,11 +244,12 @@ def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
 def report(
     grid_file: GridArg,
     set_: SetOpt = None,
+    seeds: SeedsOpt = None,
     results: ResultsOpt = Path("results"),
     tracking_uri: UriOpt = None,
 ) -> None:
     """Rebuild a grid's HTML report from MLflow alone."""
-    grid = _grid(grid_file, set_)
+    grid = _grid(grid_file, set_, seeds)
     _require_store(grid, results, tracking_uri)
     _write_report(grid, results, tracking_uri)
 
@@ -213,21 +266,29 @@ def _require_store(grid: Grid, results: Path, tracking_uri: str | None) -> None:
 def list_cells(
     grid_file: GridArg,
     set_: SetOpt = None,
+    seeds: SeedsOpt = None,
     results: ResultsOpt = Path("results"),
     tracking_uri: UriOpt = None,
 ) -> None:
-    """List a grid's cells with their state and final errors."""
+    """List a grid's cells with their state and final errors (with seeds until decided: the
+    cells of the rounds so far, and the round that added each)."""
     from .plan import states
 
-    grid = _grid(grid_file, set_)
-    _print_rows(grid, states(grid, _existing_store(results, tracking_uri)))
+    grid = _grid(grid_file, set_, seeds)
+    rows, rounds = _planned(grid, states(grid, _existing_store(results, tracking_uri)))
+    _print_rows(grid, rows, rounds.round_of() if rounds is not None else None)
+    if rounds is not None:
+        from .rounds import summary
+
+        console.print(summary(grid, rounds))
 
 
-def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
+def _print_rows(grid: Grid, rows: list[PlanRow], added: dict[str, int] | None = None) -> None:
     from .progress import STYLE
 
     table = Table(title=f"{grid.name}: {len(rows)} cells", title_justify="left")
-    for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run"]:
+    extra = ["round"] if added is not None else []
+    for column in ["label", "key", "status", "epochs", "train err %", "test err %", "run", *extra]:
         table.add_column(column, no_wrap=column == "label")
     counts: dict[str, int] = {}
     for row in rows:
@@ -242,6 +303,7 @@ def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
             _pct(m.get("final_train_err", m.get("train_err"))),
             _pct(m.get("final_test_err", m.get("test_err"))),
             row.run_id or "",
+            *([str(added[row.cell.key])] if added is not None else []),
         )
     console.print(table)
     console.print(", ".join(f"{n} {status}" for status, n in counts.items()))

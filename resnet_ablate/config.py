@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from .errors import UserError
+from .seeds import SeedRange, check_seeds
 
 Arch = Literal["cifar", "tutorial"]
 Block = Literal["basic", "bottleneck"]
@@ -211,19 +212,31 @@ class GridFile(Spec):
     tags: dict[str, str] = Field(default_factory=dict)
     base: BaseSection = BaseSection()
     grid: dict[str, list[Any]]
-    seeds: list[Int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Int] | SeedRange = Field(default_factory=lambda: [0])
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     tune: TuneSpec | None = None
     verdicts: VerdictSpec = VerdictSpec()
 
-    @field_validator("seeds")
+    @field_validator("seeds", mode="before")
     @classmethod
-    def _seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("seeds must not repeat")
-        if any(s < 0 for s in value):
-            raise ValueError("seeds must be non-negative")
-        return value
+    def _seeds(cls, value: Any) -> list[int] | SeedRange:
+        return check_seeds(value)
+
+    @property
+    def seed_list(self) -> list[int]:
+        """Every seed a cell may run with: the list, or 0 .. max − 1 of a range."""
+        return self.seeds.seeds if isinstance(self.seeds, SeedRange) else list(self.seeds)
+
+    @property
+    def seeds_text(self) -> str:
+        """`0,1,2` for a list, `3:10` for a range (as `--seeds` takes them)."""
+        r = self.seed_range
+        return f"{r.min}:{r.max}" if r is not None else ",".join(map(str, self.seed_list))
+
+    @property
+    def seed_range(self) -> SeedRange | None:
+        """The range of seeds until decided, or None for a fixed list."""
+        return self.seeds if isinstance(self.seeds, SeedRange) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +445,7 @@ class Grid:
     def axes(self) -> list[str]:
         """The dotted fields that vary between cells (grid axes, then `seed` if several)."""
         axes = list(self.spec.grid)
-        return axes + (["seed"] if len(self.spec.seeds) > 1 else [])
+        return axes + (["seed"] if len(self.spec.seed_list) > 1 else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +541,7 @@ def expand(raw: Mapping[str, Any], path: Path, sliced: bool = False) -> Grid:
     matched = [False] * len(spec.exclude)
     for combo in itertools.product(*(values for _, values in axes)):
         assignment = dict(zip((name for name, _ in axes), combo, strict=True))
-        for seed in spec.seeds:
+        for seed in spec.seed_list:
             hit = _excluded(spec.exclude, base_config, {**assignment, "seed": seed})
             if hit is not None:
                 matched[hit] = True

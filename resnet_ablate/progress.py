@@ -70,6 +70,14 @@ class GridProgress:
         )
         self.workers: dict[int, TaskID] = {}
 
+    def add(self, pending: Sequence[Cell], *, total: int) -> None:
+        """More cells to train (the next round of seeds), and the grid's new total of cells."""
+        self.cells.update((cell.key, cell) for cell in pending)
+        self.total = total
+        work = sum(_cost(c) * c.config.train.epochs for c in pending)
+        task = self.progress.tasks[self.overall]
+        self.progress.update(self.overall, total=(task.total or 0.0) + work, count=self._count())
+
     def _count(self) -> str:
         return f"{self.done}/{self.total} {self.noun}"
 

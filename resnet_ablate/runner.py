@@ -6,14 +6,16 @@ pulling cells from the grid's queue (``cellqueue.py``), so several workers, seve
 run`` at once, or several machines sharing a ``--queue`` database never train a cell twice.
 
 ``run_grid`` plans, then runs one *round*: ``run_round`` enqueues cells and works the queue
-until it is empty. Anything that adds cells while the grid runs (more seeds where a verdict is
-still open) runs further rounds into the same outcome and display.
+until it is empty. With ``seeds: {min, max}`` (``rounds.py``) it then replays the rounds from
+the record and runs the next one (one more seed for the configurations of every comparison still
+open) into the same outcome and display, until the verdicts are decided or at the maximum.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Run
@@ -35,8 +37,12 @@ from .engine import (
     train_tracked,
 )
 from .events import Emit
-from .plan import states
+from .plan import PlanRow, states
 from .progress import GridProgress
+from .rounds import Rounds, grid_rounds
+
+#: How often a run waits for cells of its round that train elsewhere before the next round.
+ROUND_POLL_SECONDS = 5.0
 
 
 def checkpoint_path(results: Path, grid: Grid, cell: Cell) -> Path:
@@ -114,6 +120,7 @@ class GridOutcome(Outcome):
     done: int = 0
     total: int = 0
     elsewhere: int = 0
+    rounds: Rounds | None = field(default=None)
 
     @property
     def trained(self) -> dict[str, str]:
@@ -130,8 +137,9 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     store = store or tracking.open_store(options.tracking_uri, options.results)
     tracking.check_results_dir(options.results)
     rows = states(grid, store)
-    pending = [row.cell for row in rows if row.status not in tracking.DONE]
-    outcome = GridOutcome(done=len(rows) - len(pending), total=len(rows))
+    outcome = GridOutcome()
+    pending = _plan(grid, rows, outcome)
+    outcome.done = outcome.total - len(pending)
     if not pending:
         return outcome
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
@@ -145,9 +153,44 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
         total=outcome.total,
         done_states=tracking.DONE,
     ) as progress:
-        run_round(session, queue, pending, progress.update, outcome)
+        tried: set[str] = set()
+        while pending:
+            run_round(session, queue, pending, progress.update, outcome)
+            tried.update(cell.key for cell in pending)
+            if outcome.rounds is None or outcome.exit_code:
+                break
+            pending = _next_round(grid, store, queue, tried, outcome)
+            progress.add(pending, total=outcome.total)
     outcome.elsewhere = len(queue.running_elsewhere())
     return outcome
+
+
+def _plan(grid: Grid, rows: list[PlanRow], outcome: GridOutcome) -> list[Cell]:
+    """The cells to train now: every cell not done, or with rounds, the planned cells not done.
+    Records the rounds and the grid's total (its planned cells, with rounds) in `outcome`."""
+    plan = grid_rounds(grid, rows)
+    if plan is not None:
+        outcome.rounds = plan
+        planned = set(plan.planned)
+        rows = [row for row in rows if row.cell.key in planned]
+    outcome.total = len(rows)
+    return [row.cell for row in rows if row.status not in tracking.DONE]
+
+
+def _next_round(
+    grid: Grid, store: tracking.Store, queue: CellQueue, tried: set[str], outcome: GridOutcome
+) -> list[Cell]:
+    """After a round: the next round's cells, from the record. Waits while cells of this round
+    still train in another process (another `ablate run` on this queue finishes them); none when
+    the grid is settled, or when a cell of the round is left without an outcome."""
+    while True:
+        pending = _plan(grid, states(grid, store), outcome)
+        left = {cell.key for cell in pending if cell.key in tried}
+        if not left:
+            return pending
+        if not left & queue.running_elsewhere():
+            return []
+        time.sleep(ROUND_POLL_SECONDS)
 
 
 def run_round(

@@ -364,7 +364,7 @@ def grid_run_id(store: Store, experiment_id: str, grid: Grid, provenance: Mappin
         params={
             "grid.axes": ", ".join(grid.axes),
             "grid.cells": str(len(grid.cells)),
-            "grid.seeds": ",".join(map(str, grid.spec.seeds)),
+            "grid.seeds": grid.spec.seeds_text,
         },
     )
     run_id = create_run(store, experiment_id, spec)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..config import Grid
 from ..stats import Decision
 from .sides import PLAIN, Configuration, Side, config_name, side
 
@@ -202,3 +203,22 @@ def best_items(cells: pd.DataFrame) -> list[Group]:
                 )
             )
     return items
+
+
+def headline_context(grid: Grid) -> str:
+    """The context the headline speaks of: the base configuration's values of the other axes
+    (block, order, ...) when the grid has them, else each axis's first value."""
+    base = grid.spec.base
+    preferred = {}
+    for axis, values in grid.spec.grid.items():
+        if axis in ("model.shortcut", "model.depth"):
+            continue
+        section, name = axis.split(".", 1)
+        value = getattr(base, section).get(name)
+        same = [v for v in values if v == value or str(v) == str(value)]
+        preferred[axis] = same[0] if same else values[0]
+    for cell in grid.cells:
+        chosen = dict(cell.varying)
+        if all(str(chosen[a]) == str(v) for a, v in preferred.items()):
+            return cell.name.context
+    return grid.cells[0].name.context

@@ -138,20 +138,14 @@ def _number(metrics: dict[str, float], key: str) -> float:
     return float(value) if value is not None else math.nan
 
 
-def _cell_row(
-    cell: Cell,
-    run: Run | None,
-    store: Store,
-    experiment_id: str | None,
-    speed: dict[str, float],
-    epochs_done: dict[str, int],
-    tuned_fields: list[str],
-) -> dict[str, Any]:
+def describe_cell(cell: Cell, status: str) -> dict[str, Any]:
+    """A cell's descriptive columns of the per-cell table (from its structured name), with its
+    status; the run's columns (`run_id`, `url`, `artifact_uri`, `reason`, `settings`) empty."""
     m = cell.config.model
     name = cell.name
-    row: dict[str, Any] = {
+    return {
         "label": name.label,
-        "status": cell_status(run),
+        "status": status,
         "reason": "",
         "config": name.config,
         "context": name.context,
@@ -172,6 +166,18 @@ def _cell_row(
         "url": "",
         "artifact_uri": "",
     }
+
+
+def _cell_row(
+    cell: Cell,
+    run: Run | None,
+    store: Store,
+    experiment_id: str | None,
+    speed: dict[str, float],
+    epochs_done: dict[str, int],
+    tuned_fields: list[str],
+) -> dict[str, Any]:
+    row = describe_cell(cell, cell_status(run))
     metrics: dict[str, float] = {}
     if run is not None:
         run_id = run.info.run_id

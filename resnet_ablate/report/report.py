@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -28,14 +29,16 @@ import jinja2
 import pandas as pd
 
 from ..config import SECTIONS, CellConfig, Grid
+from ..rounds import Rounds, replay, schedule_of
 from ..tracking import Store
 from . import plots
+from .comparisons import headline_context
 from .gradient_flow import gradient_summary
 from .records import Records, load_grad_flow, load_records
 from .reference import FILES, compare_with_papers, paper_error
 from .sides import config_name, p_text
 from .tuning import Tuning, finished_trials, load_tuning
-from .verdicts import judge
+from .verdicts import Verdicts, judge
 
 #: summary.csv: one row per cell; the run's numbers are empty for cells without a run.
 SUMMARY_COLUMNS = [
@@ -76,13 +79,18 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
     tuning = load_tuning(grid, store, records, context=context)
     if tuning is not None:  # the other settings' runs belong to the tuning section
         records.others = records.others[~records.others["key"].isin(tuning.sibling_keys)]
+    schedule = schedule_of(grid)
+    rounds = None
+    if schedule is not None:
+        rounds = replay(records.cells, grid.spec.verdicts, schedule, context=context)
+        _keep_planned(records, rounds)
     cells = records.cells
     by_config = summarise(cells)
     papers = _papers(by_config)
     _write_csv(cells[SUMMARY_COLUMNS], out_dir / "summary.csv")
     _write_csv(by_config, out_dir / "summary_by_config.csv")
 
-    verdicts = judge(cells, grid.spec.verdicts, context=context)
+    verdicts = judge(cells, grid.spec.verdicts, context=context, schedule=schedule)
     varied = [a.split(".", 1)[1] for a in grid.spec.grid if a in ("model.block", "model.order")]
     varied = [a for a in varied if cells[a].nunique() > 1]
     flows = _grad_flows(store, cells, context)
@@ -100,7 +108,7 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
         "verdicts": verdicts.degradation,
         "residual_vs_plain": verdicts.residual_vs_plain,
         "axis_verdicts": verdicts.best,
-        "method": verdicts.method,
+        "method": verdicts.method + _rounds_note(verdicts, rounds),
         "gradients": gradient_summary(flows),
         "figures": figures,
         "tuning": tuning,
@@ -124,26 +132,50 @@ def build_report(grid: Grid, store: Store, out_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Seeds until decided.
+
+
+def _keep_planned(records: Records, rounds: Rounds) -> None:
+    """Only the cells of the rounds take part; runs of later seeds (from another margin or α,
+    say) are listed with the runs outside the grid."""
+    planned = records.cells["key"].isin(set(rounds.planned))
+    extra = records.cells[~planned & (records.cells["run_id"] != "")]
+    if len(extra):
+        moved = extra[["label", "status", "key", "url"]]
+        records.others = pd.concat([records.others, moved]).sort_values("label")
+    records.cells = records.cells[planned].reset_index(drop=True)
+    records.curves = records.curves[records.curves["run_id"].isin(set(records.cells["run_id"]))]
+
+
+def _rounds_note(verdicts: Verdicts, rounds: Rounds | None) -> tuple[str, ...]:
+    """Where the rounds stand: how many, the seeds each configuration got, and which
+    comparisons reached the maximum undecided."""
+    if rounds is None:
+        return ()
+    count = len(rounds.rounds)
+    many = len({(c.arch, c.block, c.order, c.extras) for c in rounds.seeds}) > 1
+    seeds = ", ".join(
+        # With several contexts each configuration is named in full.
+        f"{' '.join(p for p in (c.net, c.block, c.order, c.extras) if p) if many else c.net} {n}"
+        for c, n in rounds.seeds.items()
+    )
+    state = (
+        f"Settled after {count} round{'s' if count != 1 else ''}"
+        if rounds.settled
+        else f"Round {count} is under way ({len(rounds.pending)} cell(s) without a result yet; "
+        "the verdicts are at the latest look the finished seeds allow)"
+    )
+    text = f"{state}; seeds per configuration: {seeds}."
+    at_max = verdicts.max_undecided()
+    if at_max:
+        text += f" Undecided at the maximum of {rounds.schedule.max} seeds: {'; '.join(at_max)}."
+    elif rounds.settled:
+        text += " Every comparison was decided before the maximum."
+    return (text,)
+
+
+# --------------------------------------------------------------------------------------------
 # Tables.
-
-
-def headline_context(grid: Grid) -> str:
-    """The context the headline speaks of: the base configuration's values of the other axes
-    (block, order, ...) when the grid has them, else each axis's first value."""
-    base = grid.spec.base
-    preferred = {}
-    for axis, values in grid.spec.grid.items():
-        if axis in ("model.shortcut", "model.depth"):
-            continue
-        section, name = axis.split(".", 1)
-        value = getattr(base, section).get(name)
-        same = [v for v in values if v == value or str(v) == str(value)]
-        preferred[axis] = same[0] if same else values[0]
-    for cell in grid.cells:
-        chosen = dict(cell.varying)
-        if all(str(chosen[a]) == str(v) for a, v in preferred.items()):
-            return cell.name.context
-    return grid.cells[0].name.context
 
 
 def summarise(cells: pd.DataFrame) -> pd.DataFrame:
@@ -397,7 +429,9 @@ def _provenance(grid: Grid, store: Store, records: Records) -> dict[str, Any]:
         "axes": json.dumps(
             {
                 "grid": grid.spec.grid,
-                "seeds": grid.spec.seeds,
+                "seeds": dataclasses.asdict(grid.spec.seed_range)
+                if grid.spec.seed_range is not None
+                else grid.spec.seeds,
                 "exclude": grid.spec.exclude,
             },
             indent=2,

@@ -57,7 +57,7 @@ from .comparisons import (
     residual_items,
 )
 from .sides import Configuration
-from .wording import Wording, headline
+from .wording import AXIS_NAMES, Wording, headline
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,21 @@ class Verdicts:
             if not d.decided and not d.trail.at_max:
                 found.update(dict.fromkeys(v.configurations))
         return list(found)
+
+    def max_undecided(self) -> list[str]:
+        """The comparisons undecided at the maximum number of seeds (or a fixed list's), named
+        `plain-56 against plain-20 (basic post)` or `Unit order at res-110 basic`."""
+        found = [
+            f"{v.a.name} against {v.b.name} ({v.context})"
+            for v in (*self.degradation, *self.residual_vs_plain)
+            if v.decision.max_undecided
+        ]
+        found += [
+            f"{AXIS_NAMES[v.axis].capitalize()} at {v.context}"
+            for v in self.best
+            if v.decision.max_undecided
+        ]
+        return found
 
 
 def judge(
