@@ -27,7 +27,9 @@ from resnet_ablate.device import ExecOptions
 from resnet_ablate.train import epoch_points, point_marks, train_cell
 
 
-def side_by_side(cell, dataset, repeats: int, points: int) -> dict[int, list[float]]:
+def side_by_side(
+    cell, dataset, repeats: int, points: int, options: ExecOptions
+) -> dict[int, list[float]]:
     """Training seconds of the first epoch (images/s turned back into seconds, warm-up left
     out as the trainer does) with `points` and with 0, alternating which goes first."""
     seconds: dict[int, list[float]] = {points: [], 0: []}
@@ -38,7 +40,7 @@ def side_by_side(cell, dataset, repeats: int, points: int) -> dict[int, list[flo
             config = cell.config.model_copy(
                 update={"train": cell.config.train.model_copy(update={"log_points": n})}
             )
-            result = train_cell(config, dataset, options=ExecOptions(), max_epochs=1)
+            result = train_cell(config, dataset, options=options, max_epochs=1)
             seconds[n].append(images / result.history[0]["images_per_second"])
     return seconds
 
@@ -87,23 +89,25 @@ def main() -> None:
     parser.add_argument("--label", default="plain-20 basic post s0")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    options = ExecOptions(threads=args.threads)
     grid = load_grid(args.grid)
     (cell,) = [c for c in grid.cells if c.label == args.label]
     dataset = load_dataset(cell.config.data)
     train = cell.config.train
     steps = len(dataset.train.y) // train.batch_size
     print(f"{cell.label} ({cell.key}), {steps} iterations an epoch, log_points {train.log_points}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, threads: {args.threads or torch.get_num_threads()}")
     if args.full:
-        result = train_cell(cell.config, dataset, options=ExecOptions())
+        result = train_cell(cell.config, dataset, options=options)
         final = result.final
         print(
             f"full run with points: final_train_err {final['final_train_err']:.4f}, "
             f"final_test_err {final['final_test_err']:.4f}, "
             f"points logged {sum(len(p) for p in result.points.values())}"
         )
-    seconds = side_by_side(cell, dataset, args.repeats, train.log_points)
+    seconds = side_by_side(cell, dataset, args.repeats, train.log_points, options)
     for n, values in seconds.items():
         print(f"epoch with log_points {n:>3}: " + ", ".join(f"{v:.3f}" for v in values) + " s")
     on, off = statistics.median(seconds[train.log_points]), statistics.median(seconds[0])
