@@ -136,6 +136,9 @@ class TrainSpec(Spec):
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     warmup_lr: float | None = Field(default=None, gt=0.0)
     warmup_iters: Int = Field(default=0, ge=0)
+    #: Points per epoch of the running training error and loss (step = iteration), as the
+    #: paper's Fig. 6 draws them; 0 logs per epoch only. Recording only: not in the cell key.
+    log_points: Int = Field(default=20, ge=0, le=10_000)
 
     @field_validator("milestones")
     @classmethod
@@ -241,8 +244,9 @@ class GridFile(Spec):
 # Fields: the dotted names a grid axis, an exclude entry or --set may use.
 
 SECTIONS: dict[str, type[Spec]] = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec}
-#: Fields that say where or how a cell runs, not what it computes: left out of the cell key.
-EXECUTION_FIELDS = frozenset({"data.root", "data.download"})
+#: Fields that say where or how a cell runs or is recorded, not what it computes: left out of
+#: the cell key.
+EXECUTION_FIELDS = frozenset({"data.root", "data.download", "train.log_points"})
 #: Fields added after cells were first keyed, with the value every earlier cell had. At that
 #: value a field is left out of the key, so a cell hashes as it did before the field existed and
 #: existing stores and committed results keep their keys (a rerun skips what is done); any other
@@ -251,7 +255,7 @@ KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {"data.normalize": "mean_std"}
 
 
 def field_names() -> list[str]:
-    """Every dotted field a grid may vary, in schema order (data.name ... train.warmup_iters)."""
+    """Every dotted field a grid may vary, in schema order (data.name ... train.log_points)."""
     return [f"{s}.{f}" for s, spec in SECTIONS.items() for f in spec.model_fields]
 
 

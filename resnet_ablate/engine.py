@@ -33,9 +33,10 @@ Where coming work plugs in:
 - Rounds of cells (more seeds where a verdict is open): ``runner.run_round`` enqueues cells and
   runs the pool into the same outcome; call it again with the new cells (and a session whose
   grid holds them).
-- Points within an epoch: ``_EpochLog`` holds a ``tracking.MetricLog``; a trainer callback
-  ``on_progress(iteration, metrics)`` adds points to it (step = iteration) and they go out in
-  the same chunked calls as the epoch's metrics.
+- Points within an epoch: the trainer's ``on_progress(iteration, metrics)`` hands
+  ``_EpochLog`` an epoch's points (step = iteration) before its ``on_epoch``; they go out in the
+  same batch as the epoch's metrics, or not at all when the epoch is logged already, so a
+  resumed run holds each point once.
 - A dead worker's cell taken over: the runner claims it from the queue; the engine continues
   its run only where this machine holds the run's checkpoint (``continues``: the file beside the
   checkpoint names the run), else the cell starts again in a new run.
@@ -293,15 +294,29 @@ class _EpochLog:
         self.job, self.worker, self.hook = job, worker, hook
         self.metrics = tracking.MetricLog(worker.store, run_id)
         self.logged = tracking.logged_steps(worker.store, run_id) if job.resume else set()
+        self.logged_points = (
+            tracking.logged_steps(worker.store, run_id, train.POINT_KEYS[-1])
+            if job.resume
+            else set()
+        )
+        self.points: list[tuple[int, dict[str, float]]] = []  # the coming epoch's
         self.seconds = 0.0  # spent writing to the store
         self.reached = 0
+
+    def point(self, iteration: int, metrics: dict[str, float]) -> None:
+        """The trainer's `on_progress`: a point of the epoch whose `on_epoch` comes next."""
+        self.points.append((iteration, metrics))
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         t0 = time.perf_counter()
         if epoch not in self.logged:
+            for iteration, values in self.points:
+                if iteration not in self.logged_points:
+                    self.metrics.add(_visible(values, self.job.blind), step=iteration)
             self.metrics.add(_visible(metrics, self.job.blind), step=epoch)
-            self.metrics.flush()
+            self.metrics.flush()  # one batch up to 1000 values: the points go with their epoch
             self.logged.add(epoch)
+        self.points = []
         self.seconds += time.perf_counter() - t0
         self.reached = epoch
         train_err = metrics.get("train_err", math.nan)
@@ -339,6 +354,7 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
             options=worker.exec,
             checkpoint=job.checkpoint,
             on_epoch=epochs,
+            on_progress=epochs.point,
         )
     except Stop as stop:
         tracking.end_run(store, run_id, stop.status, stop.reason)

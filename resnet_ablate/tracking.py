@@ -26,7 +26,10 @@ The record a grid leaves in MLflow (the report and `ablate ls` read only this):
   param (``model.depth``); metrics ``model_params`` and ``model_macs`` (step 0); per-epoch metrics
   (step = epoch, from 1): ``train_loss``, ``train_err``, ``test_loss``, ``test_err``, ``val_loss``,
   ``val_err`` (when the grid holds out a validation split), ``lr``, ``epoch_seconds``,
-  ``images_per_second``; errors in percent. At the end: ``final_train_err``,
+  ``images_per_second``; errors in percent. Within each epoch, ``train.log_points`` points
+  (step = iteration, from 1; the last at the epoch's end): ``iter_train_loss``,
+  ``iter_train_err``, the running training loss and error over the iterations since the
+  previous point (He et al. 2015, Fig. 6). At the end: ``final_train_err``,
   ``final_test_err``, ``best_test_err``, ``best_test_epoch``, ``wall_seconds``,
   ``tracking_seconds``, and artifacts ``config.json`` (resolved config, key, label),
   ``final_metrics.json`` and ``grad_flow.json`` (per-layer gradient norms of the main-path
@@ -583,7 +586,8 @@ def cell_status(run: Run | None) -> str:
 
 
 def logged_steps(store: Store, run_id: str, key: str = "train_err") -> set[int]:
-    """The epochs already recorded for a run (to fill gaps on resume without repeats)."""
+    """The steps of `key` already recorded for a run: epochs by default, iterations for a point
+    metric (to fill gaps on resume without repeats)."""
     return {m.step for m in store.client.get_metric_history(run_id, key)}
 
 

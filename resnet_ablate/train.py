@@ -62,6 +62,8 @@ class CellResult:
     history: list[dict[str, float]]
     grad_flow: dict[str, Any]
     reason: str = ""
+    #: Points within each epoch: epoch (as text) -> `[iteration, loss, error %]` rows.
+    points: dict[str, list[list[float]]] = field(default_factory=dict)
     resumed_from: int = 0
     wall_seconds: float = 0.0
     runtime: str = ""
@@ -106,6 +108,45 @@ class CellResult:
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+#: `on_progress(iteration, metrics)`: a point within an epoch (step = iteration, from 1).
+ProgressCallback = Callable[[int, dict[str, float]], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Points within an epoch.
+
+#: The metrics of a point within an epoch: training loss and error (%) over the iterations
+#: since the previous point, named apart from the per-epoch `train_loss` / `train_err`
+#: (step = epoch) because their step is the iteration.
+POINT_KEYS = ("iter_train_loss", "iter_train_err")
+
+
+def point_marks(steps: int, points: int) -> list[int]:
+    """The iterations of an epoch (counted from 1) after which a point is taken: `points` of
+    them spread evenly, the last at the epoch's end; every iteration when there are fewer."""
+    if points <= 0 or steps <= 0:
+        return []
+    return sorted({max(1, round(k * steps / points)) for k in range(1, points + 1)})
+
+
+def epoch_points(
+    first_iteration: int, marks: list[int], sums: list[list[float]], batch: int
+) -> list[list[float]]:
+    """`[iteration, loss, error %]` for each mark of an epoch whose iterations before it number
+    `first_iteration`, from the running (loss, wrong) sums taken at each mark: each point is
+    the mean over the iterations since the previous one."""
+    points, before, previous = [], 0, (0.0, 0.0)
+    for mark, (loss_sum, wrong_sum) in zip(marks, sums, strict=True):
+        images = (mark - before) * batch
+        loss, err = (loss_sum - previous[0]) / images, 100.0 * (wrong_sum - previous[1]) / images
+        points.append([float(first_iteration + mark), loss, err])
+        before, previous = mark, (loss_sum, wrong_sum)
+    return points
+
+
+def _send_points(on_progress: ProgressCallback, points: list[list[float]]) -> None:
+    for iteration, loss, err in points:
+        on_progress(int(iteration), dict(zip(POINT_KEYS, (loss, err), strict=True)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,18 +294,23 @@ def train_cell(
     options: ExecOptions | None = None,
     checkpoint: Path | None = None,
     on_epoch: EpochCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     max_epochs: int | None = None,
 ) -> CellResult:
     """Train one cell to the end (or to divergence), resuming from `checkpoint` if it exists.
 
     `on_epoch(epoch, metrics)` is called after each epoch's checkpoint is on disk, and on resume
     once for every epoch the checkpoint already holds (so a tracker can fill any gap).
+    `on_progress(iteration, metrics)` gets the epoch's points within it (``train.log_points``
+    of them, :data:`POINT_KEYS`) just before its `on_epoch`, and on resume with it. The points
+    are snapshots of the step's device sums, read with the epoch's one host sync.
     `max_epochs` stops early (tuning trials) without changing the schedule's length.
     The result's `runtime` and `tags` say what actually ran (eager when a graph fell back).
     """
     runtime = resolve_runtime(options or ExecOptions())
     spec = config.train
     on_epoch = on_epoch or (lambda epoch, metrics: None)
+    on_progress = on_progress or (lambda iteration, metrics: None)
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.in_channels, dataset.num_classes)
 
@@ -293,6 +339,7 @@ def train_cell(
     )
 
     history: list[dict[str, float]] = []
+    points: dict[str, list[list[float]]] = {}  # epoch -> [iteration, loss, error %] rows
     grad_flow: dict[str, Any] = {
         "layers": [name for name, _ in main_path_convs(model)],
         "epochs": {},
@@ -308,8 +355,10 @@ def train_cell(
         load_optimizer_state(step.optimizer, state["optimizer"])
         history, grad_flow = state["history"], state["grad_flow"]
         start_epoch, elapsed = state["epoch"], state["elapsed"]
+        points = state.get("points", {})
         torch.set_rng_state(state["rng_cpu"])
         for record in history:
+            _send_points(on_progress, points.get(str(int(record["epoch"])), []))
             on_epoch(int(record["epoch"]), record)
     else:
         grad_flow["epochs"]["1"] = gradient_norms(model, *probe)
@@ -320,6 +369,9 @@ def train_cell(
     last_epoch = min(spec.epochs, max_epochs or spec.epochs)
     images = steps_per_epoch * spec.batch_size
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    marks = point_marks(steps_per_epoch, spec.log_points)
+    # (points, 2): the step's running sums at each mark, copied on the device (no host sync).
+    snapshots = torch.zeros(len(marks), 2, device=runtime.device, dtype=step.sums.dtype)
 
     status, reason = "finished", ""
     for epoch in range(start_epoch + 1, last_epoch + 1):
@@ -330,13 +382,21 @@ def train_cell(
         step.sums.zero_()
         iteration = (epoch - 1) * steps_per_epoch
         lr = spec.lr
+        mark = 0
         for i, (x, y) in enumerate(train_loader.epoch(epoch)):
             clock.before_step(i)
             lr = lr_at(spec, iteration + i, total_iters)
             step.set_lr(lr)
             step(x, y)
+            if mark < len(marks) and i + 1 == marks[mark]:
+                snapshots[mark].copy_(step.sums)
+                mark += 1
         loss_sum, wrong_sum = step.sums.tolist()  # the epoch's one host sync
         sync()
+        if marks:
+            sums = snapshots.tolist()
+            points[str(epoch)] = epoch_points(iteration, marks, sums, spec.batch_size)
+            _send_points(on_progress, points[str(epoch)])
         metrics = {
             "epoch": float(epoch),
             "train_loss": loss_sum / images,
@@ -370,6 +430,7 @@ def train_cell(
                     "model": model.state_dict(),
                     "optimizer": plain_optimizer_state(step.optimizer),
                     "history": history,
+                    "points": points,
                     "grad_flow": grad_flow,
                     "rng_cpu": torch.get_rng_state(),
                     "elapsed": elapsed,
@@ -382,6 +443,7 @@ def train_cell(
         history=history,
         grad_flow=grad_flow,
         reason=reason,
+        points=points,
         resumed_from=start_epoch,
         wall_seconds=elapsed,
         runtime=step.ran.describe(),

@@ -137,6 +137,19 @@ def test_keys_are_stable_and_ignore_where_data_lives(write_grid):
     assert not {c.key for c in changed} & {c.key for c in first}
 
 
+def test_log_points_is_recorded_but_not_keyed(write_grid):
+    """How often a run is recorded changes no result: the cell is the same, its params say it."""
+    with open(RESULTS / "quick" / "summary.csv", newline="") as f:
+        committed = {row["key"] for row in csv.DictReader(f)}
+    for points in ("0", "5", "200"):
+        cells = load_grid(EXPERIMENTS / "quick.yaml", [f"train.log_points={points}"]).cells
+        assert {c.key for c in cells} == committed
+        assert {c.params["train.log_points"] for c in cells} == {int(points)}
+    assert TrainSpec().log_points == 20
+    with pytest.raises(GridError, match=r"train\.log_points"):
+        load_grid(write_grid(GRID), ["train.log_points=-1"])
+
+
 def test_key_matches_a_hand_built_cell(write_grid):
     cell = load_grid(write_grid(GRID)).cells[0]
     twin = Cell(config=CellConfig.model_validate(cell.config.model_dump()))

@@ -1,5 +1,6 @@
 """The GPU path where CUDA exists: the CUDA graph trains like the eager step and says what ran,
-its self-check passes for a real model and catches a broken graph, a failed capture falls back
+its self-check passes for a real model and catches a broken graph, the points within epochs
+are read from the graph's sums, a failed capture falls back
 once and leaves the stream as it was, a checkpoint from a CPU resumes into a graph, the device
 set-up picks the worker's GPU, and the bench's graph rows capture even when a pinned DataLoader
 feeds them. Every test here needs CUDA and is skipped, with that reason, without it;
@@ -35,7 +36,7 @@ from resnet_ablate.step import (
     graph_status,
     make_optimizer,
 )
-from resnet_ablate.train import train_cell
+from resnet_ablate.train import point_marks, train_cell
 
 pytestmark = [
     pytest.mark.cuda,
@@ -107,6 +108,27 @@ def test_cuda_graph_matches_eager(synthetic):
     for a, b in zip(eager.history, graph.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
         assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_points_within_epochs_from_the_graph_add_up_to_its_epochs(synthetic):
+    """The points are snapshots of the graph's static sums, taken between replays: each
+    epoch's points, weighted by their stretch, give that epoch's training error, and the
+    first points (taken during the eager warm-up and the capture) are in place too."""
+    seen: list[tuple[int, dict[str, float]]] = []
+    result = train_cell(
+        tiny(log_points=8), synthetic, options=GRAPH, on_progress=lambda i, m: seen.append((i, m))
+    )
+    assert result.tags[TAG_STEP] == "cuda_graph"
+    steps = len(synthetic.train.y) // 64
+    marks = point_marks(steps, 8)
+    assert marks[0] <= GraphStep.WARMUP_STEPS + 1  # a point falls inside the warm-up
+    assert [i for i, _ in seen] == [(e - 1) * steps + m for e in (1, 2) for m in marks]
+    for epoch, record in enumerate(result.history, start=1):
+        mine = seen[(epoch - 1) * len(marks) : epoch * len(marks)]
+        widths = [b - a for a, b in zip([0, *marks], marks, strict=False)]
+        err = sum(w * m["iter_train_err"] for w, (_, m) in zip(widths, mine, strict=True))
+        assert err / steps == pytest.approx(record["train_err"], abs=1e-4)
+        assert all(0.0 <= m["iter_train_err"] <= 100.0 for _, m in mine)
 
 
 def test_a_cpu_checkpoint_resumes_into_a_graph(synthetic, tmp_path):

@@ -18,9 +18,11 @@ import pandas as pd
 import pytest
 
 from resnet_ablate import tracking
+from resnet_ablate.config import load_grid
 from resnet_ablate.report import build_report
 from resnet_ablate.report.gradient_flow import gradient_summary, sci
-from resnet_ablate.report.records import load_grad_flow, read_histories
+from resnet_ablate.report.records import load_grad_flow, load_records, read_histories
+from tests.conftest import EXPERIMENTS, ablate
 from tests.report_browser import Chromium, find_chromium
 from tests.report_store import PROVENANCE, Plan, make_grid, populate
 
@@ -128,15 +130,41 @@ def test_report_writes_html_csvs_and_embedded_figures(reports):
     _, html_path = reports["cifar"]
     out = html_path.parent
     assert {p.name for p in (out / "figures").iterdir()} == {
-        "error_curves.png", "error_vs_depth.png", "gradient_norms.png",
+        "error_iterations.png", "error_curves.png", "error_vs_depth.png", "gradient_norms.png",
     }  # fmt: skip
     html = html_path.read_text(encoding="utf-8")
     sources = re.findall(r'<img src="([^"]+)"', html)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     # Self-contained: nothing to fetch, no script.
     assert not re.search(r"<(script|link|iframe)\b", html)
     assert "url(" not in html and "@import" not in html
     assert "@media print" in html
+
+
+def test_the_first_figure_is_fig6_error_against_iterations(reports):
+    grid, html_path = reports["cifar"]
+    html = html_path.read_text(encoding="utf-8")
+    order = re.findall(r'<figure id="fig-([a-z_]+)"', html)
+    assert order[:2] == ["error_iterations", "error_curves"]  # the per-epoch figure follows
+    caption = html[html.index('id="fig-error_iterations"') : html.index('id="fig-error_curves"')]
+    assert "plain nets left, residual nets right" in caption
+    assert "20 points per epoch" in caption and "3 seeds" in caption
+    assert "minimum to maximum" in caption
+    # One panel per shortcut kind, side by side.
+    png = (html_path.parent / "figures" / "error_iterations.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 2.5 * height
+
+    frame = load_records(grid, reports["store"]).iterations
+    run = frame[(frame["label"] == "plain-56 basic post s0")]
+    train = sorted(run.loc[run["split"] == "train", "iteration"])
+    test = run[run["split"] == "test"].sort_values("iteration")
+    assert train == [390 * e + round(k / 20 * 390) for e in range(EPOCHS) for k in range(1, 21)]
+    assert list(test["iteration"]) == [390 * e for e in range(1, EPOCHS + 1)]
+    assert test["error"].iloc[-1] == pytest.approx(FINALS[("none", 56)][0] + 1.5)
+    # The run that diverged in epoch 3: its points and test errors up to there.
+    diverged = frame[frame["label"] == "res-proj-56 basic post s1"]
+    assert diverged["iteration"].max() == 3 * 390 and set(diverged["status"]) == {"diverged"}
 
 
 def test_summary_csv_has_every_cell_with_status_and_reason(reports):
@@ -318,4 +346,38 @@ def test_report_opens_in_headless_chromium(reports, tmp_path):
             assert all(i["complete"] and i["width"] > 0 and i["height"] > 0 for i in page.images)
             assert page.errors == []
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_real_run_s_report_opens_on_error_against_iterations(tmp_path):
+    """The smoke grid trained for real: its runs hold the points within epochs, and its report
+    shows them first, as Fig. 6 is drawn, in a real browser where one is installed."""
+    done = ablate("run", str(EXPERIMENTS / "smoke.yaml"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = tmp_path / "results"
+    store = tracking.open_store(tracking.default_uri(results), results)
+    grid = load_grid(EXPERIMENTS / "smoke.yaml")
+    frame = load_records(grid, store).iterations
+    steps = 2000 // 64  # the synthetic training split at the smoke grid's batch size
+    for _, run in frame.groupby("run_id"):
+        train = sorted(run.loc[run["split"] == "train", "iteration"])
+        assert len(train) == 3 * 20 == len(set(train)) and train[-1] == 3 * steps
+        assert sorted(run.loc[run["split"] == "test", "iteration"]) == [steps, 2 * steps, 3 * steps]
+        assert run["error"].between(0, 100).all()
+    assert set(frame["family"]) == {"plain", "res"}
+
+    html_path = tmp_path / "results" / "smoke" / "report.html"
+    html = html_path.read_text(encoding="utf-8")
+    assert re.findall(r'<figure id="fig-([a-z_]+)"', html)[0] == "error_iterations"
+    binary = find_chromium()
+    if binary is None:
+        return
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open(html_path.as_uri())
+    first = page.images[0]
+    assert first["alt"] == "Error against iterations (He et al. 2015, Fig. 6)"
+    assert first["complete"] and first["width"] > 2 * first["height"] > 0  # two panels
+    assert page.errors == []
+    (tmp_path / "report.png").write_bytes(page.screenshot)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)

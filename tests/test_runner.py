@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from resnet_ablate import tracking
-from resnet_ablate.config import load_grid
+from resnet_ablate.config import DataSpec, TrainSpec, load_grid
+from resnet_ablate.data import load_dataset
 from resnet_ablate.device import ExecOptions
 from resnet_ablate.engine import (
     Hooks,
@@ -35,7 +36,7 @@ from resnet_ablate.engine import (
 from resnet_ablate.events import Crashed, Ended, Epoch, Skipped, Started
 from resnet_ablate.progress import GridProgress
 from resnet_ablate.runner import cell_job
-from resnet_ablate.train import CellResult
+from resnet_ablate.train import CellResult, point_marks
 
 from .conftest import EXPERIMENTS, ablate, wait_for
 
@@ -190,6 +191,11 @@ def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
     assert resumed.data.tags["ablate.status"] == "finished"
     assert resumed.data.tags["ablate.resumed_from_epoch"] == str(saved_epoch)
     assert steps(client, resumed.info.run_id) == [1, 2, 3, 4]  # no gap, no repeat
+    # The points within epochs too: every iteration-step once, whatever epoch the kill cut.
+    per_epoch = len(load_dataset(DataSpec(name="synthetic")).train.y) // 64
+    marks = point_marks(per_epoch, TrainSpec().log_points)
+    expected = [(e - 1) * per_epoch + m for e in range(1, 5) for m in marks]
+    assert steps(client, resumed.info.run_id, "iter_train_err") == expected
 
 
 def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path):

@@ -41,7 +41,15 @@ from resnet_ablate.step import (
     restored_stream,
     turn_graph_off,
 )
-from resnet_ablate.train import SteadyClock, gradient_norms, load_checkpoint, lr_at, train_cell
+from resnet_ablate.train import (
+    POINT_KEYS,
+    SteadyClock,
+    gradient_norms,
+    load_checkpoint,
+    lr_at,
+    point_marks,
+    train_cell,
+)
 
 CPU = ExecOptions(device="cpu")
 #: fp32 on the CPU: bit-reproducible, so two equal steps agree exactly.
@@ -134,7 +142,7 @@ def test_resume_continues_exactly_where_it_stopped(synthetic, tmp_path):
     part = train_cell(config, synthetic, key="k", options=CPU, checkpoint=checkpoint, max_epochs=2)
     assert [h["epoch"] for h in part.history] == [1, 2]
     assert not list(tmp_path.glob(".*tmp"))  # written atomically
-    replayed = []
+    replayed, points = [], []
     rest = train_cell(
         config,
         synthetic,
@@ -142,9 +150,17 @@ def test_resume_continues_exactly_where_it_stopped(synthetic, tmp_path):
         options=CPU,
         checkpoint=checkpoint,
         on_epoch=lambda epoch, metrics: replayed.append(epoch),
+        on_progress=lambda iteration, metrics: points.append((iteration, metrics)),
     )
     assert rest.resumed_from == 2
     assert replayed == [1, 2, 3]  # the gap-filling replay, then the new epoch
+    # The points within the epochs come back with them, then continue: no gap, no repeat.
+    steps = len(synthetic.train.y) // 64
+    marks = point_marks(steps, 20)
+    assert [i for i, _ in points] == [(e - 1) * steps + m for e in (1, 2, 3) for m in marks]
+    assert rest.points["1"] == part.points["1"] and rest.points["2"] == part.points["2"]
+    for a, b in zip(whole.points["3"], rest.points["3"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)  # the resumed epoch trains as the whole run's
     assert [h["epoch"] for h in rest.history] == [1, 2, 3]
     for a, b in zip(whole.history, rest.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -467,3 +483,51 @@ def test_without_a_warmup_or_with_a_short_epoch_the_whole_epoch_is_timed(warmup)
     for i in range(10):
         timer.before_step(i)
     assert timer.images_per_second() == 40 / 8.0 and clock.synced == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Points within an epoch (He et al. 2015, Fig. 6: error against iterations).
+
+
+def test_point_marks_spread_evenly_and_end_at_the_epoch_end():
+    assert point_marks(100, 4) == [25, 50, 75, 100]
+    assert point_marks(93, 20)[-1] == 93 and len(point_marks(93, 20)) == 20
+    assert point_marks(5, 20) == [1, 2, 3, 4, 5]  # fewer iterations than points: every one
+    assert point_marks(100, 0) == [] and point_marks(0, 5) == []
+
+
+def test_points_within_epochs_add_up_to_the_epoch_and_change_nothing(synthetic):
+    seen: list[tuple[int, dict[str, float]]] = []
+    config = tiny(epochs=2, log_points=4)
+    result = train_cell(
+        config, synthetic, options=CPU, on_progress=lambda i, m: seen.append((i, m))
+    )
+    silent = train_cell(tiny(epochs=2, log_points=0), synthetic, options=CPU)
+    # Recording points touches neither the training nor the per-epoch record.
+    strip = ("epoch_seconds", "images_per_second")
+    for a, b in zip(result.history, silent.history, strict=True):
+        assert {k: v for k, v in a.items() if k not in strip} == {
+            k: v for k, v in b.items() if k not in strip
+        }
+    assert silent.points == {}
+
+    iterations = [i for i, _ in seen]
+    per_epoch = len(iterations) // 2
+    assert per_epoch == 4 and iterations == sorted(set(iterations))  # each iteration once
+    steps = iterations[per_epoch - 1]  # the first epoch's last point is at its end
+    assert steps == len(synthetic.train.y) // 64
+    assert iterations == [(e - 1) * steps + m for e in (1, 2) for m in point_marks(steps, 4)]
+    assert {k for _, m in seen for k in m} == set(POINT_KEYS)
+    for epoch, record in enumerate(result.history, start=1):
+        mine = seen[(epoch - 1) * per_epoch : epoch * per_epoch]
+        starts = [(epoch - 1) * steps] + [i for i, _ in mine]
+        widths = [i - before for (i, _), before in zip(mine, starts, strict=False)]
+        total = sum(widths)
+        # The points are means over their stretch: weighted, they give the epoch's mean.
+        err = sum(w * m["iter_train_err"] for w, (_, m) in zip(widths, mine, strict=True))
+        loss = sum(w * m["iter_train_loss"] for w, (_, m) in zip(widths, mine, strict=True))
+        err, loss = err / total, loss / total
+        assert err == pytest.approx(record["train_err"], abs=1e-6)
+        assert loss == pytest.approx(record["train_loss"], rel=1e-5)
+    # Training learns within the first epoch: its last stretch beats its first.
+    assert seen[per_epoch - 1][1]["iter_train_loss"] < seen[0][1]["iter_train_loss"]

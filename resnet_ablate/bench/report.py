@@ -81,15 +81,21 @@ def write_cell(
     seconds_per_epoch: float = 20.0,
     grad_flow: dict[str, Any] | None = None,
     provenance: Mapping[str, str] = SYNTHETIC_PROVENANCE,
+    points: int = 20,
+    iterations_per_epoch: int = 390,
 ) -> str:
-    """Write one cell's run as the runner would, with the given curves; return its run id."""
+    """Write one cell's run as the runner would, with the given curves; return its run id.
+
+    Each epoch also gets `points` points within it (``iter_train_err``, ``iter_train_loss``,
+    step = iteration, the last at the epoch's end), on a line from the previous epoch's
+    training error (90% before the first) to this one's."""
     spec = tracking.cell_run_spec(cell, parent_id, dict(provenance))
     run_id = tracking.create_run(store, experiment_id, spec)
     tracking.log_metrics(store, run_id, {"model_params": params, "model_macs": macs}, step=0)
     tracking.log_json(store, run_id, "config.json", {"key": cell.key, "label": cell.label})
     epochs = len(curves["train_err"])
     t0 = int(time.time() * 1000)
-    points = tracking.MetricLog(store, run_id)
+    points_log = tracking.MetricLog(store, run_id)
     for i in range(epochs):
         values = {k: v[i] for k, v in curves.items()}
         values.setdefault("lr", 0.1)
@@ -97,9 +103,16 @@ def write_cell(
         values.setdefault("images_per_second", 50_000 / seconds_per_epoch)
         values.setdefault("train_loss", values["train_err"] / 40)
         values.setdefault("test_loss", values.get("test_err", math.nan) / 40)
-        points.add(values, step=i + 1, timestamp_ms=t0 + 1000 * i)
+        before = curves["train_err"][i - 1] if i else 90.0
+        for mark in range(1, points + 1):
+            share = mark / points
+            err = before + (values["train_err"] - before) * share
+            iteration = i * iterations_per_epoch + round(share * iterations_per_epoch)
+            within = {"iter_train_err": err, "iter_train_loss": err / 40}
+            points_log.add(within, step=iteration, timestamp_ms=t0 + 1000 * i)
+        points_log.add(values, step=i + 1, timestamp_ms=t0 + 1000 * i)
     # One batch call per 1000 values: the record is the same as the runner's per-epoch batches.
-    points.flush()
+    points_log.flush()
     if status in ("finished", "diverged") and epochs:
         test = [v for v in curves.get("test_err", []) if math.isfinite(v)]
         final = {

@@ -106,6 +106,74 @@ def error_curves(curves: pd.DataFrame, palette: dict[int, tuple]) -> bytes:
         return _png(grid.figure)
 
 
+def error_against_iterations(frame: pd.DataFrame, palette: dict[int, tuple]) -> bytes:
+    """He et al. 2015 Fig. 6 as the paper draws it: error against iterations, plain nets left
+    and residual nets right, every depth in each panel in its colour; thin lines the running
+    training error within epochs, bold lines the test error at each epoch's end. Lines are the
+    mean over seeds, bands their min-max."""
+    families = _families(frame)
+    depths = sorted(frame["depth"].unique())
+    # (family, depth, split, iteration) -> mean, min and max over seeds.
+    stats = (
+        frame.groupby(["family", "depth", "split", "iteration"])["error"]
+        .agg(["mean", "min", "max"])
+        .reset_index()
+    )
+    with plt.rc_context(THEME):
+        fig, axes = plt.subplots(
+            1, len(families), figsize=(4.6 * len(families), 3.6), sharey=True, squeeze=False
+        )
+        for ax, family in zip(axes[0], families, strict=True):
+            for (depth, split), line in stats[stats["family"] == family].groupby(
+                ["depth", "split"]
+            ):
+                bold = split == "test"
+                ax.fill_between(
+                    line["iteration"],
+                    line["min"],
+                    line["max"],
+                    color=palette[depth],
+                    alpha=0.18 if bold else 0.12,
+                    linewidth=0,
+                )
+                ax.plot(
+                    line["iteration"],
+                    line["mean"],
+                    color=palette[depth],
+                    linewidth=2.4 if bold else 0.9,
+                    marker="o" if bold else None,
+                    markersize=3.5,
+                )
+            ax.set_title(FAMILY_TITLES.get(family, family))
+            ax.set_xlabel("iterations")
+            ax.set_xlim(left=0)
+        axes[0][0].set_ylabel("error (%)")
+        axes[0][0].set_ylim(0, _error_top(stats))
+        colours = [
+            plt.Line2D([], [], color=palette[d], linewidth=2.0, label=f"{d} layers") for d in depths
+        ]
+        widths = [
+            plt.Line2D([], [], color="#555555", linewidth=0.9, label="training error"),
+            plt.Line2D([], [], color="#555555", linewidth=2.4, marker="o", label="test error"),
+        ]
+        fig.legend(
+            handles=colours + widths, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False
+        )
+        fig.tight_layout()
+        return _png(fig)
+
+
+def _error_top(stats: pd.DataFrame) -> float:
+    """The y-axis top: room for every line once training is under way (past the first quarter
+    of the iterations), as the paper's axes start below the early, near-chance error."""
+    later = stats[stats["iteration"] >= 0.25 * stats["iteration"].max()]
+    values = later["max"].dropna()
+    values = values[values.abs() < float("inf")]
+    if values.empty:
+        return 100.0
+    return float(min(100.0, max(1.0, 1.15 * values.max())))
+
+
 def error_vs_depth(cells: pd.DataFrame, style: str | None) -> bytes:
     """Final training and test error against depth, per shortcut kind; bars are ± sd over seeds."""
     long = cells.melt(

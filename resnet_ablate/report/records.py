@@ -36,6 +36,8 @@ from ..tracking import (
 
 #: Per-epoch metrics the report draws or summarises.
 CURVE_KEYS = ("train_err", "test_err")
+#: The running training error within epochs (step = iteration), as He et al. (2015) Fig. 6.
+POINT_KEY = "iter_train_err"
 SPEED_KEY = "images_per_second"
 FINAL_KEYS = (
     "final_train_err",
@@ -101,6 +103,10 @@ class Records:
     others: pd.DataFrame
     experiment_id: str | None
     provenance: dict[str, list[str]] = field(default_factory=dict)
+    #: Error against iterations: the points within epochs (split `train`) and the test error at
+    #: each epoch's last iteration (split `test`), for runs that logged points; see
+    #: :func:`iteration_curves`.
+    iterations: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load_records(grid: Grid, store: Store) -> Records:
@@ -115,7 +121,7 @@ def load_records(grid: Grid, store: Store) -> Records:
 
     keys = {cell.key for cell in grid.cells}
     mine = [runs[c.key].info.run_id for c in grid.cells if c.key in runs]
-    histories = read_histories(store, mine, (*CURVE_KEYS, SPEED_KEY))
+    histories = read_histories(store, mine, (*CURVE_KEYS, SPEED_KEY, POINT_KEY))
     speed = _median_speed(histories)
     epochs_done = _epochs_done(histories)
 
@@ -128,7 +134,8 @@ def load_records(grid: Grid, store: Store) -> Records:
     curves = _curves(histories, cells)
     others = _other_runs(runs, keys, store, experiment_id)
     provenance = _provenance([runs[c.key] for c in grid.cells if c.key in runs])
-    return Records(cells, curves, others, experiment_id, provenance)
+    iterations = iteration_curves(histories, cells)
+    return Records(cells, curves, others, experiment_id, provenance, iterations)
 
 
 def _number(metrics: dict[str, float], key: str) -> float:
@@ -273,6 +280,33 @@ def _curves(histories: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
         ["run_id", "label", "config", "context", "family", "depth", "seed", "status"],
     ]
     return curves.merge(info, on="run_id", how="inner")
+
+
+def iteration_curves(histories: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Long table of error against iterations: run_id, split (`train`: the points within
+    epochs; `test`: the per-epoch test error placed at the epoch's last iteration), iteration,
+    error (%), joined with each cell's descriptive columns. Only runs that logged points: their
+    last point of an epoch is its last iteration, which places the epochs."""
+    points = histories[histories["key"] == POINT_KEY]
+    epochs = histories[histories["key"].isin(CURVE_KEYS)]
+    last_point = points.groupby("run_id")["step"].max()
+    last_epoch = epochs[epochs["key"] == "train_err"].groupby("run_id")["step"].max()
+    per_epoch = (last_point / last_epoch.reindex(last_point.index)).dropna().round()
+    test = epochs[(epochs["key"] == "test_err") & epochs["run_id"].isin(per_epoch.index)]
+    frame = pd.concat(
+        [
+            points.assign(split="train", iteration=points["step"]),
+            test.assign(split="test", iteration=test["step"] * test["run_id"].map(per_epoch)),
+        ],
+        ignore_index=True,
+    )
+    frame = frame[["run_id", "split", "iteration", "value"]].rename(columns={"value": "error"})
+    frame["iteration"] = frame["iteration"].astype("int64")
+    info = cells.loc[
+        cells["run_id"] != "",
+        ["run_id", "label", "config", "context", "family", "depth", "seed", "status"],
+    ]
+    return frame.merge(info, on="run_id", how="inner")
 
 
 def _other_runs(

@@ -293,17 +293,20 @@ def _figures(
     cells = records.cells
     finished = cells[cells["status"] == "finished"]
     figures = []
-    curves = records.curves
-    curves = curves[(curves["context"] == context) & (curves["status"] == "finished")]
+    palette = plots.depth_palette(cells["depth"].tolist())
+    many = cells["context"].nunique() > 1
+    iterations = _in_context(records.iterations, context)
+    curves = _in_context(records.curves, context)
+    if len(iterations):
+        figures.append(_iterations_figure(iterations, context, palette, many))
     if len(curves):
-        palette = plots.depth_palette(cells["depth"].tolist())
         n = curves.groupby("config")["seed"].nunique()
         if n.max() == 1:
             lines = "one seed each, so no band"
         else:
             count = f"{n.min()}" if n.min() == n.max() else f"{n.min()} to {n.max()}"
             lines = f"the mean over {count} seeds, the band ± 1 sd"
-        others = " Other contexts are in Figure 2." if cells["context"].nunique() > 1 else ""
+        others = f" Other contexts are in Figure {len(figures) + 2}." if many else ""
         figures.append(
             Figure(
                 "error_curves",
@@ -356,6 +359,39 @@ def _figures(
     return figures
 
 
+def _in_context(frame: pd.DataFrame, context: str) -> pd.DataFrame:
+    """The finished runs of the headline context: the nets a curve figure compares."""
+    if frame.empty:
+        return frame
+    return frame[(frame["context"] == context) & (frame["status"] == "finished")]
+
+
+def _iterations_figure(
+    frame: pd.DataFrame, context: str, palette: dict[int, tuple], many: bool
+) -> Figure:
+    """He et al. (2015) Fig. 6 as drawn there: error against iterations, plain | residual."""
+    n = frame.groupby("config")["seed"].nunique()
+    if n.max() == 1:
+        lines = "each line is one seed"
+    else:
+        count = f"{n.min()}" if n.min() == n.max() else f"{n.min()} to {n.max()}"
+        lines = f"lines are the mean over {count} seeds, the band spans their minimum to maximum"
+    counts = frame.groupby(["run_id", "split"]).size().unstack(fill_value=0)
+    per_epoch = (counts.get("train", 0) / counts.get("test", 0)).replace(math.inf, math.nan)
+    points = f"{per_epoch.median():.0f}" if per_epoch.notna().any() else "several"
+    others = " Other contexts are in the figures below." if many else ""
+    return Figure(
+        "error_iterations",
+        "Error against iterations (He et al. 2015, Fig. 6)",
+        f"The {context} nets as He et al. (2015) draw Fig. 6: plain nets left, residual nets "
+        f"right, one colour per depth. Thin lines: training error, the running mean over the "
+        f"iterations since the previous point ({points} points per epoch, training mode, "
+        f"augmented images); bold lines: test error at the end of each epoch. {lines[0].upper()}"
+        f"{lines[1:]}. Finished runs only; the y axis starts where training is under way.{others}",
+        plots.error_against_iterations(frame, palette),
+    )
+
+
 def _tuning_figure(tuning: Tuning | None) -> Figure | None:
     """The trial history of every study, when there are finished trials."""
     if tuning is None:
@@ -386,7 +422,15 @@ def _missing_figures(records: Records, flows: pd.DataFrame) -> list[str]:
 
 def _write_figures(figures: list[Figure], folder: Path) -> None:
     names = {f"{f.name}.png" for f in figures}
-    for stale in ("error_curves", "error_vs_depth", "block_order", "gradient_norms", "tuning"):
+    stale_names = (
+        "error_iterations",
+        "error_curves",
+        "error_vs_depth",
+        "block_order",
+        "gradient_norms",
+        "tuning",
+    )
+    for stale in stale_names:
         if f"{stale}.png" not in names:
             (folder / f"{stale}.png").unlink(missing_ok=True)
     for figure in figures:
