@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -112,8 +113,11 @@ def run(
             errors.print(f"[yellow]{ended.label}[/]: {ended.note}")
     _print_crashes(outcome)
     if outcome.interrupted:
-        errors.print("Interrupted: checkpoints are kept; run the same command again to resume.")
-        raise typer.Exit(130)
+        errors.print(
+            f"Interrupted ({_signal_name(outcome.signum)}): checkpoints are kept; "
+            "run the same command again to resume."
+        )
+        raise typer.Exit(outcome.exit_code)
     trained = len(outcome.trained)
     console.print(
         f"{grid.name}: {trained} cell(s) trained, {outcome.done} already done, "
@@ -387,7 +391,10 @@ def tune(
     _print_crashes(outcome)
     _print_studies(grid, outcome)
     if outcome.interrupted:
-        errors.print("Interrupted: finished trials are kept; run the same command to continue.")
+        errors.print(
+            f"Interrupted ({_signal_name(outcome.signum)}): finished trials are kept; "
+            "run the same command to continue."
+        )
     raise typer.Exit(outcome.exit_code)
 
 
@@ -422,16 +429,29 @@ def _print_studies(grid: Grid, outcome: TuneOutcome) -> None:
 # Entry point.
 
 
+def _signal_name(signum: int) -> str:
+    from .signals import signal_name
+
+    return signal_name(signum)
+
+
 def main() -> None:
-    """Console script: user errors become one line and exit code 2; Ctrl-C exits 130."""
+    """Console script: user errors become one line and exit code 2; Ctrl-C exits 130 and
+    SIGTERM (a scheduler's preemption) 143, both after recording what ran as killed."""
+    from .signals import exit_code, handle_termination, signum_of
+
+    handle_termination()
     try:
         code = app(standalone_mode=False)
     except UserError as err:
-        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         errors.print("Interrupted.")
         sys.exit(130)
+    except KeyboardInterrupt as err:
+        errors.print(f"Interrupted ({_signal_name(signum_of(err))}).")
+        sys.exit(exit_code(signum_of(err)))
     except typer.TyperException as err:  # usage errors, as click reports them
         err.show()  # type: ignore[attr-defined]
         sys.exit(getattr(err, "exit_code", 2))

@@ -199,7 +199,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
-    """The checkpoint of this cell, or None (absent, another cell's, or unreadable)."""
+    """The checkpoint of this cell, or None (absent, another cell's, or unreadable).
+
+    A write cut short by a kill leaves only its temporary file (the rename is atomic): those
+    are removed here, when the cell starts again, since nothing else would ever read them.
+    """
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        orphan.unlink(missing_ok=True)
     if not path.exists():
         return None
     try:

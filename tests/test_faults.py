@@ -1,0 +1,175 @@
+"""Faults a long grid meets, each through the command users run: a scheduler's SIGTERM, a
+checkpoint cut short or planted, a corrupt queue journal, a locked store, a full disk."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
+from resnet_ablate.data import load_dataset
+from resnet_ablate.device import ExecOptions
+from resnet_ablate.train import load_checkpoint, train_cell
+
+from .conftest import EXPERIMENTS, ablate, wait_for
+
+SMOKE = EXPERIMENTS / "smoke.yaml"
+CPU = ExecOptions(device="cpu", precision="fp32")
+
+
+def client_for(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+
+
+def cell_runs(client: MlflowClient, grid: str = "smoke"):
+    experiment = client.get_experiment_by_name(grid)
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`ablate.role` = 'cell'"
+    )
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "train_err") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "resnet_ablate", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM: what SLURM and Kubernetes send before they kill a job.
+
+#: Long enough that a signal sent after the first checkpoint lands well before the end.
+LONG = ["--set", "train.epochs=12", "--no-report", "--precision", "fp32"]
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path):
+    grid = ["run", str(SMOKE), *LONG, "--workers", "2"]
+    proc = start(grid, tmp_path)
+    checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
+    wait_for(lambda: len(list(checkpoints.glob("*.pt"))) == 2 or proc.poll() is not None)
+    # Only the parent gets it, as from a scheduler that signals the job's first process:
+    # the parent passes it on to its workers.
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "Interrupted (SIGTERM)" in err and "Traceback" not in err
+    client = client_for(tmp_path)
+    killed = {r.info.run_id: r for r in cell_runs(client)}
+    assert len(killed) == 2
+    for run in killed.values():
+        assert run.info.status == "KILLED" and run.data.tags["ablate.status"] == "killed"
+        assert run.data.tags["ablate.reason"] == "interrupted (SIGTERM); rerun to resume"
+    saved = {p.stem: torch.load(p, weights_only=True)["epoch"] for p in checkpoints.glob("*.pt")}
+    assert len(saved) == 2 and all(1 <= epoch < 12 for epoch in saved.values())
+
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = cell_runs(client)
+    assert {r.info.run_id for r in resumed} == set(killed)  # the same runs continue
+    for run in resumed:
+        key = run.data.tags["ablate.cell_key"]
+        assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
+        assert run.data.tags["ablate.resumed_from_epoch"] == str(saved[key])
+        assert steps(client, run.info.run_id) == list(range(1, 13))  # no gap, no repeat
+    assert not list(checkpoints.glob("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints cut short by the kill itself, or planted to run code.
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset(DataSpec(name="synthetic"))
+
+
+def tiny(epochs: int) -> CellConfig:
+    return CellConfig(
+        data=DataSpec(name="synthetic"),
+        model=ModelSpec(depth=8, width=8, shortcut="identity"),
+        train=TrainSpec(epochs=epochs, batch_size=64, lr=0.05),
+        seed=0,
+    )
+
+
+def test_a_checkpoint_cut_short_mid_file_starts_the_cell_again(synthetic, tmp_path):
+    checkpoint = tmp_path / "cell.pt"
+    whole = train_cell(tiny(2), synthetic, key="k", options=CPU)
+    train_cell(tiny(2), synthetic, key="k", options=CPU, checkpoint=checkpoint, max_epochs=1)
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])  # the kill landed mid-write
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        again = train_cell(tiny(2), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert again.resumed_from == 0 and again.status == "finished"
+    assert again.history == [
+        {**h, "epoch_seconds": a["epoch_seconds"], "images_per_second": a["images_per_second"]}
+        for h, a in zip(whole.history, again.history, strict=True)
+    ]  # a clean restart: the same numbers as a training never interrupted
+    assert (tmp_path / "cell.unreadable").exists()  # kept aside for a look, never read again
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_behind(synthetic, tmp_path):
+    checkpoint = tmp_path / "cell.pt"
+    orphan = tmp_path / ".cell.pt.4242.tmp"  # what a kill mid-write leaves (pid 4242)
+    orphan.write_bytes(b"PK\x03\x04 half a checkpoint")
+    train_cell(tiny(1), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell.pt"]
+
+
+class _Plant:
+    """Unpickling this object would create the marker file: code run from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("form", ["torch zip", "plain pickle"])
+def test_a_checkpoint_that_would_run_code_runs_nothing(synthetic, tmp_path, form):
+    checkpoint = tmp_path / "cell.pt"
+    marker = tmp_path / "code-ran"
+    state = {"version": 1, "key": "k", "epoch": 1, "model": _Plant(marker)}
+    if form == "torch zip":
+        torch.save(state, checkpoint)
+    else:
+        checkpoint.write_bytes(pickle.dumps(state))
+    # Read the unsafe way, the planted file does run code: a switch to it would fail this test.
+    if form == "torch zip":
+        torch.load(checkpoint, weights_only=False)
+    else:
+        pickle.loads(checkpoint.read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        assert load_checkpoint(checkpoint, "k") is None
+    assert not marker.exists()
+    planted = (tmp_path / "cell.unreadable").read_bytes()
+    checkpoint.write_bytes(planted)
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        result = train_cell(tiny(1), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert result.resumed_from == 0 and result.status == "finished"
+    assert not marker.exists()
