@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from resnet_ablate.cellqueue import CellQueue, storage_for
 
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
 from resnet_ablate.device import ExecOptions
+from resnet_ablate.errors import UserError
 from resnet_ablate.train import load_checkpoint, train_cell
 
 from .conftest import EXPERIMENTS, ablate, wait_for
@@ -173,3 +179,47 @@ def test_a_checkpoint_that_would_run_code_runs_nothing(synthetic, tmp_path, form
         result = train_cell(tiny(1), synthetic, key="k", options=CPU, checkpoint=checkpoint)
     assert result.resumed_from == 0 and result.status == "finished"
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The queue journal after a crash mid-write.
+
+
+def journal_with_cells(tmp_path: Path, keys: list[str]) -> Path:
+    queue = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    queue.enqueue(keys)
+    return tmp_path / "queue" / "g.journal"
+
+
+def test_a_torn_last_journal_line_is_dropped_and_the_queue_works_on(tmp_path):
+    path = journal_with_cells(tmp_path, ["a", "b", "c"])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # the last write cut short: "c" was never queued
+    # Left as it is, Optuna's next append glues onto the torn line and every later read fails.
+    spoiled = tmp_path / "spoiled.journal"
+    spoiled.write_bytes(whole[:-7])
+    raw = JournalStorage(JournalFileBackend(str(spoiled)))
+    study_id = raw.get_study_id_from_name("cells:g")
+    with pytest.raises((ValueError, AttributeError)):  # the glued line cannot be read back
+        raw.create_new_trial(study_id)
+        JournalStorage(JournalFileBackend(str(spoiled)))
+
+    queue = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    kept = whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 1]
+    assert path.read_bytes().startswith(kept) and path.read_bytes().endswith(b"\n")
+    assert queue.enqueue(["a", "b", "c"]) == 1  # "c" again; "a" and "b" were kept
+    claimed = [queue.claim(), queue.claim(), queue.claim(), queue.claim()]
+    assert sorted(c.key for c in claimed if c) == ["a", "b", "c"] and claimed[-1] is None
+    reopened = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    assert len(reopened._trials(TrialState.RUNNING)) == 3
+
+
+def test_a_corrupt_journal_line_is_one_clear_message(tmp_path):
+    path = journal_with_cells(tmp_path, ["a", "b"])
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], b'{"op_code": 0, "wor\n', *lines[1:]]))
+    with pytest.raises(UserError) as err:
+        storage_for(None, tmp_path, "g")
+    message = str(err.value)
+    assert message.startswith(f"{path}: the queue journal is corrupt")
+    assert "move it aside and run again" in message
