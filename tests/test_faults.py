@@ -18,7 +18,6 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from resnet_ablate.cellqueue import CellQueue, storage_for
-
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
 from resnet_ablate.device import ExecOptions
