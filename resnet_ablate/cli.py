@@ -110,7 +110,7 @@ def run(
     outcome = run_grid(grid, options, console)
     for ended in outcome.ended:
         if ended.note:  # why a cell diverged, failed or was killed
-            errors.print(f"[yellow]{ended.label}[/]: {ended.note}")
+            errors.print(f"[yellow]{escape(ended.label)}[/]: {escape(ended.note)}")
     _print_crashes(outcome)
     if outcome.interrupted:
         errors.print(
@@ -131,7 +131,7 @@ def run(
 
 def _print_crashes(outcome: Outcome) -> None:
     for crash in outcome.crashes:
-        errors.print(f"[red]worker crashed:[/] {crash}")
+        errors.print(f"[red]worker crashed:[/] {escape(crash)}")
 
 
 def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
@@ -157,7 +157,7 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
         table.add_row(
             cell.label,
             cell.key,
-            *[_fmt(flat[a]) for a in grid.axes],
+            *[escape(_fmt(flat[a])) for a in grid.axes],
             f"{info.params / 1e6:.2f}M",
             f"{info.macs / 1e6:.1f}M",
             rows[cell.key],
@@ -184,7 +184,7 @@ def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
 
     store = tracking.open_store(tracking_uri, results)
     path = build_report(grid, store, results / grid.name)
-    console.print(f"report: {path}")
+    console.print(f"report: {path}", markup=False)
     return path
 
 
@@ -239,7 +239,7 @@ def _print_rows(grid: Grid, rows: list[PlanRow]) -> None:
         m = row.metrics
         epochs = m.get("epochs_done")
         table.add_row(
-            row.cell.label,
+            escape(row.cell.label),
             row.cell.key,
             f"[{STYLE.get(row.status, 'white')}]{row.status}[/]",
             f"{epochs:.0f}" if epochs is not None else "",
@@ -268,7 +268,9 @@ def ui(
 
     uri = tracking.resolve_uri(tracking_uri, results)
     if uri.startswith(("http://", "https://")):
-        console.print(f"The tracking server {uri} has its own UI: open it in a browser.")
+        console.print(
+            f"The tracking server {uri} has its own UI: open it in a browser.", markup=False
+        )
         return
     command = [
         sys.executable,
@@ -387,7 +389,9 @@ def tune(
     )
     outcome = tune_grid(grid, options, console)
     for failure in outcome.failures:
-        errors.print(f"[yellow]failed[/] {failure.label}: {failure.note}", highlight=False)
+        errors.print(
+            f"[yellow]failed[/] {escape(failure.label)}: {escape(failure.note)}", highlight=False
+        )
     _print_crashes(outcome)
     _print_studies(grid, outcome)
     if outcome.interrupted:
