@@ -17,6 +17,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from resnet_ablate import tracking
 from resnet_ablate.cellqueue import CellQueue, storage_for
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
@@ -222,3 +223,91 @@ def test_a_corrupt_journal_line_is_one_clear_message(tmp_path):
     message = str(err.value)
     assert message.startswith(f"{path}: the queue journal is corrupt")
     assert "move it aside and run again" in message
+
+
+# --------------------------------------------------------------------------------------------
+# The SQLite store held locked by another process for longer than MLflow waits.
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.slow
+def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tmp_path):
+    store = tracking.open_store(None, tmp_path / "results")  # the store exists, empty
+    db = tmp_path / "results" / "mlflow.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        grid = ["run", str(SMOKE), "--set", "train.epochs=1", "--no-report"]
+        locked = ablate(*grid, cwd=tmp_path, timeout=300)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert locked.returncode == 2, locked.stdout + locked.stderr
+    err = " ".join(locked.stderr.split())
+    assert f"tracking store sqlite:///{db} is locked by another process" in err
+    assert "Traceback" not in locked.stderr
+    assert store.client.get_experiment_by_name("smoke") is None  # nothing was recorded
+
+    again = ablate(*grid, cwd=tmp_path, timeout=400)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client = client_for(tmp_path)
+    runs = cell_runs(client)
+    assert sorted(r.data.tags["ablate.status"] for r in runs) == ["finished", "finished"]
+    assert all(steps(client, r.info.run_id) == [1] for r in runs)
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk under results/.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs where the checkpoints go; skipped, saying why, where mounting is denied."""
+    where = tmp_path / "results" / "checkpoints"
+    where.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): full disk not tested")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_cell_clearly_and_the_rerun_completes(tmp_path, small_disk):
+    grid = ["run", str(SMOKE), "--set", "train.epochs=2", "--set", "model.shortcut=none"]
+    grid += ["--no-report", "--precision", "fp32"]
+    full = ablate(*grid, cwd=tmp_path)
+    assert full.returncode == 1, full.stdout + full.stderr
+    folder = small_disk / "smoke"
+    assert f"no space left on {folder}" in " ".join(full.stderr.split())
+    assert "Traceback" not in full.stderr
+    client = client_for(tmp_path)  # the store stays readable
+    (run,) = cell_runs(client)
+    assert run.info.status == "FAILED" and run.data.tags["ablate.status"] == "failed"
+    assert f"no space left on {folder}" in run.data.tags["ablate.reason"]
+    assert list(folder.iterdir()) == []  # no half-written file left to fill the disk
+
+    subprocess.run(["umount", str(small_disk)], check=True)  # space is freed
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (run,) = cell_runs(client)
+    assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id) == [1, 2]

@@ -3,11 +3,17 @@ and generated bad grid files exit 0 or 2 with one clear line, never a traceback.
 
 from __future__ import annotations
 
+import copy
 import io
+import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from resnet_ablate import cli, tracking
@@ -67,3 +73,130 @@ def test_the_display_shows_failure_reasons_and_labels_verbatim():
     text = out.getvalue()
     assert f"failed {cell.label}: {reason}" in text
     assert "worker 1 crashed: OSError: [red]disk[/]" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Generated bad input: valid grid files, mutated.
+
+VALID = [yaml.safe_load(p.read_text()) for p in (SMOKE, EXPERIMENTS / "quick.yaml")]
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.sampled_from([0, 1, -1, 2**31, 2**63, 10**400, 6 * 10**6 + 2]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["basic", "none", "identity", "pre", "fashion-mnist", "1e-4", "[bold]x[/]"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+#: Raw YAML that safe_load must refuse or read as data: tags, aliases, odd scalars.
+RAW = st.sampled_from(
+    [
+        "!!python/object/apply:os.system ['touch pwned']",
+        "!!python/name:os.system",
+        "!!binary aGVsbG8=",
+        "&a [*a]",
+        "!!set {a, b}",
+        "!!timestamp 2001-12-14",
+        "0x1F",
+        "0o17",
+        ".inf",
+        "~",
+        "'\u202e\u0000'",
+        "\u00e9\u00e8\U0001f600",
+        "{",
+        "- [",
+        "!custom tag",
+    ]
+)
+
+
+def paths(node, prefix=()):
+    """Every key path of a nested grid (dicts and lists), the root included."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from paths(value, (*prefix, i))
+
+
+def mutate(doc, path, how, value):
+    """`doc` with the node at `path` replaced, deleted, given a new key, or nested deeper."""
+    doc = copy.deepcopy(doc)
+    if not path:
+        return value if how == "replace" else {"grid": doc} if how == "nest" else doc
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    last = path[-1]
+    if how == "replace":
+        parent[last] = value
+    elif how == "delete":
+        del parent[last]
+    elif how == "nest":
+        parent[last] = {"x": parent[last]} if isinstance(value, dict) else [parent[last]]
+    elif how == "add" and isinstance(parent[last], dict):
+        parent[last][str(value)[:20]] = value
+    return doc
+
+
+@st.composite
+def grid_texts(draw) -> str:
+    doc = draw(st.sampled_from(VALID))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(paths(doc))))
+        how = draw(st.sampled_from(["replace", "delete", "nest", "add"]))
+        doc = mutate(doc, path, how, draw(values))
+    try:
+        text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        text = "name: x\n"
+    if draw(st.booleans()):  # a raw YAML value in place of one line's value
+        lines = text.splitlines()
+        at = draw(st.integers(0, max(0, len(lines) - 1)))
+        head = lines[at].split(":", 1)[0] if lines else "name"
+        lines[at : at + 1] = [f"{head}: {draw(RAW)}"]
+        text = "\n".join(lines) + "\n"
+    return text
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=grid_texts())
+def test_mutated_grid_files_exit_0_or_2_with_one_clear_line(text, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    grid = folder / "grid.yaml"
+    grid.write_text(text, encoding="utf-8", errors="surrogatepass")
+    code, out, err = run_cli_plain(["ls", str(grid)], folder)
+    assert code in (0, 2), (text, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    if code == 2:
+        assert err.startswith("error: ") and str(grid) in " ".join(err.split()), err
+        assert sorted(p.name for p in folder.iterdir()) == ["grid.yaml"]  # nothing written
+    assert not (folder / "pwned").exists() and not Path("pwned").exists()
+
+
+def run_cli_plain(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """`ablate ARGS` in this process, run from `cwd`, with its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdout, sys.stderr, os.getcwd(), signal.getsignal(signal.SIGTERM)
+    sys.argv, sys.stdout, sys.stderr = ["ablate", *args], out, err
+    os.chdir(cwd)
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    finally:
+        sys.argv, sys.stdout, sys.stderr = saved[:3]
+        os.chdir(saved[3])
+        signal.signal(signal.SIGTERM, saved[4])
+    return code, out.getvalue(), err.getvalue()
