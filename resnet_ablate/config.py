@@ -456,6 +456,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise GridError(f"{where}: YAML syntax error: {problem}; fix the file") from None
     except UnicodeDecodeError:
         raise GridError(f"{path}: not a text file; a grid file is UTF-8 YAML") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as err:
+        # PyYAML's constructors fail this way on values their tag cannot hold
+        # (`!!timestamp tomorrow`), and on keys that cannot be keys (`? [a]: 1`).
+        raise GridError(
+            f"{path}: a YAML value cannot be read ({type(err).__name__}); fix the file"
+        ) from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid file is a mapping with keys name, base, grid, seeds")
     _check_plain(raw, path)

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 #: Timings differ from run to run; every other metric must be equal to the last bit.
