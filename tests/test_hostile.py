@@ -169,6 +169,7 @@ def grid_texts(draw) -> str:
     return text
 
 
+@pytest.mark.slow  # in-process, yet a thousand runs of the command take a minute or more
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=grid_texts())
 def test_mutated_grid_files_exit_0_or_2_with_one_clear_line(text, tmp_path_factory):
