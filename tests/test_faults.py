@@ -68,7 +68,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 # SIGTERM: what SLURM and Kubernetes send before they kill a job.
 
 #: Long enough that a signal sent after the first checkpoint lands well before the end.
-LONG = ["--set", "train.epochs=12", "--no-report", "--precision", "fp32"]
+LONG = ["--set", "train.epochs=6", "--no-report", "--precision", "fp32"]
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path)
     grid = ["run", str(SMOKE), *LONG, "--workers", "2"]
     proc = start(grid, tmp_path)
     checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
-    wait_for(lambda: len(list(checkpoints.glob("*.pt"))) == 2 or proc.poll() is not None)
+    wait_for(lambda: len(list(checkpoints.glob("*.pt"))) == 2 or proc.poll() is not None, 900)
     # Only the parent gets it, as from a scheduler that signals the job's first process:
     # the parent passes it on to its workers.
     proc.send_signal(signal.SIGTERM)
@@ -90,7 +90,7 @@ def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path)
         assert run.info.status == "KILLED" and run.data.tags["ablate.status"] == "killed"
         assert run.data.tags["ablate.reason"] == "interrupted (SIGTERM); rerun to resume"
     saved = {p.stem: torch.load(p, weights_only=True)["epoch"] for p in checkpoints.glob("*.pt")}
-    assert len(saved) == 2 and all(1 <= epoch < 12 for epoch in saved.values())
+    assert len(saved) == 2 and all(1 <= epoch < 6 for epoch in saved.values())
 
     again = ablate(*grid, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -100,7 +100,7 @@ def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path)
         key = run.data.tags["ablate.cell_key"]
         assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
         assert run.data.tags["ablate.resumed_from_epoch"] == str(saved[key])
-        assert steps(client, run.info.run_id) == list(range(1, 13))  # no gap, no repeat
+        assert steps(client, run.info.run_id) == list(range(1, 7))  # no gap, no repeat
     assert not list(checkpoints.glob("*"))
 
 
@@ -303,12 +303,13 @@ def test_a_full_disk_fails_the_cell_clearly_and_the_rerun_completes(tmp_path, sm
     full = ablate(*grid, cwd=tmp_path)
     assert full.returncode == 1, full.stdout + full.stderr
     folder = small_disk / "smoke"
-    assert f"no space left on {folder}" in " ".join(full.stderr.split())
+    says = "no space left on results/checkpoints/smoke"  # as given: --results is relative
+    assert says in " ".join(full.stderr.split())
     assert "Traceback" not in full.stderr
     client = client_for(tmp_path)  # the store stays readable
     (run,) = cell_runs(client)
     assert run.info.status == "FAILED" and run.data.tags["ablate.status"] == "failed"
-    assert f"no space left on {folder}" in run.data.tags["ablate.reason"]
+    assert says in run.data.tags["ablate.reason"]
     assert list(folder.iterdir()) == []  # no half-written file left to fill the disk
 
     subprocess.run(["umount", str(small_disk)], check=True)  # space is freed
