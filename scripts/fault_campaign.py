@@ -169,9 +169,15 @@ def where_it_landed(workdir: Path) -> str:
 
 def check(workdir: Path, reference: dict, finished_early: dict, epochs: int) -> list[str]:
     """The invariants of a grid run to the end, against the uninterrupted reference."""
-    problems = []
-    record = cell_record(workdir)
     left_running = [r.info.run_id for r in all_runs(workdir) if r.info.status == "RUNNING"]
+    return violations(cell_record(workdir), left_running, reference, finished_early, epochs)
+
+
+def violations(
+    record: dict, left_running: list[str], reference: dict, finished_early: dict, epochs: int
+) -> list[str]:
+    """What breaks an invariant in `record` (a grid's cells as `cell_record` reads them)."""
+    problems = []
     if left_running:
         problems.append(f"runs left RUNNING: {left_running}")
     if set(record) != set(reference):

@@ -4,6 +4,7 @@ checkpoint cut short or planted, a corrupt queue journal, a locked store, a full
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import pickle
@@ -31,6 +32,7 @@ from . import queue_claimer
 from .conftest import EXPERIMENTS, ablate, wait_for
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
+SCRIPTS = EXPERIMENTS.parent / "scripts"
 CPU = ExecOptions(device="cpu", precision="fp32")
 
 
@@ -330,3 +332,60 @@ def test_several_claimers_take_every_cell_exactly_once(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         taken = pool.map(queue_claimer.claim_all, [str(tmp_path)] * 4)
     assert sorted(k for mine in taken for k in mine) == keys  # every cell once, none twice
+
+
+# --------------------------------------------------------------------------------------------
+# The fault campaign's judge: it must see every kind of violation.
+
+
+def load_campaign():
+    spec = importlib.util.spec_from_file_location("fault_campaign", SCRIPTS / "fault_campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_campaign"] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_campaign_flags_every_kind_of_violation():
+    campaign = load_campaign()
+
+    def cell(run_id="r1", errs=(50.0, 40.0), status="FINISHED", end=7, flow=(1.0, 2.0)):
+        history = {
+            "train_err": [(i + 1, e) for i, e in enumerate(errs)],
+            "epoch_seconds": [(i + 1, 3.0 + i) for i in range(len(errs))],  # timings may differ
+            "final_test_err": [(2, 38.0)],
+        }
+        return {
+            "run_id": run_id,
+            "status": status,
+            "ablate_status": status.lower(),
+            "end_time": end,
+            "history": history,
+            "grad_flow": {"epochs": {"1": list(flow)}},
+        }
+
+    reference = {"k": [cell()]}
+
+    def judge(record, running=(), early=None):
+        return campaign.violations(record, list(running), reference, early or {}, 2)
+
+    assert judge({"k": [cell()]}) == []
+    assert judge({"k": [{**cell(), "history": {**cell()["history"], "epoch_seconds": []}}]})
+    assert judge({"k": [cell(), cell("r2")]}) == ["k: 2 runs, not one"]
+    assert sorted(judge({"k": [cell(errs=(50.0,))]})) == [
+        "k: epoch_seconds steps [1]",
+        "k: train_err differs from the uninterrupted run",
+        "k: train_err steps [1]",
+    ]
+    assert judge({"k": [cell(errs=(50.0, 40.000001))]}) == [
+        "k: train_err differs from the uninterrupted run"
+    ]
+    assert judge({"k": [cell(flow=(1.0, 2.5))]}) == [
+        "k: gradient flow differs from the uninterrupted run"
+    ]
+    assert judge({"k": [cell(end=9)]}, early={"k": ("r1", 7)}) == [
+        "k: trained again after it had finished"
+    ]
+    assert judge({"k": [cell()]}, running=["p"]) == ["runs left RUNNING: ['p']"]
+    assert judge({"k": [cell(status="KILLED")]}) == ["k: ended KILLED / killed"]
+    assert judge({}) == ["cells [] != reference ['k']"]
