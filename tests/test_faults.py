@@ -33,7 +33,7 @@ from .conftest import EXPERIMENTS, ablate, wait_for
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
 SCRIPTS = EXPERIMENTS.parent / "scripts"
-CPU = ExecOptions(device="cpu", precision="fp32")
+CPU = ExecOptions(device="cpu")
 
 
 def client_for(workdir: Path) -> MlflowClient:
@@ -70,7 +70,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 # SIGTERM: what SLURM and Kubernetes send before they kill a job.
 
 #: Long enough that a signal sent after the first checkpoint lands well before the end.
-LONG = ["--set", "train.epochs=6", "--no-report", "--precision", "fp32"]
+LONG = ["--set", "train.epochs=6", "--no-report"]
 
 
 @pytest.mark.slow
@@ -301,7 +301,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_fails_the_cell_clearly_and_the_rerun_completes(tmp_path, small_disk):
     grid = ["run", str(SMOKE), "--set", "train.epochs=2", "--set", "model.shortcut=none"]
-    grid += ["--no-report", "--precision", "fp32"]
+    grid += ["--no-report"]
     full = ablate(*grid, cwd=tmp_path)
     assert full.returncode == 1, full.stdout + full.stderr
     folder = small_disk / "smoke"
