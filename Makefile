@@ -5,7 +5,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint data clean
+.PHONY: demo test lint data clean faults
+
+# `make faults`: the fault campaign (kill `ablate run` at random moments, check nothing is lost).
+N ?= 100
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+faults: $(STAMP)
+	$(BIN)/python scripts/fault_campaign.py --kills $(N)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -76,11 +76,60 @@ def storage_for(url: str | None, results: Path, grid_name: str) -> optuna.storag
     if url and "://" in url:
         return _database_storage(url)
     path = Path(url) if url else results / "queue" / f"{grid_name}.journal"
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return open_journal(path)
+
+
+def open_journal(path: Path) -> optuna.storages.BaseStorage:
+    """The journal at `path`, its torn last line dropped; a corrupt one is one clear error.
+
+    A write cut short (a crash, a full disk) leaves a last line without its newline. Optuna
+    skips such a line when it reads, but its next append would glue onto it and make a corrupt
+    line that every later read stops at; so it is cut off here, under the journal's own lock
+    (no writer is mid-append then). The operation it held never took effect for anyone.
+    """
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path))
+    backend = JournalFileBackend(str(path), lock_obj=lock)
+    lock.acquire()
+    try:
+        drop_torn_tail(path)
+    finally:
+        lock.release()
+    try:
+        return JournalStorage(backend)
+    except ValueError as err:  # json.JSONDecodeError included
+        raise UserError(
+            f"{path}: the queue journal is corrupt ({err}); move it aside and run again "
+            "(the queue is rebuilt from the MLflow store, which keeps every result)"
+        ) from None
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut the file back to its last newline; returns how many bytes were dropped."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep = size
+        while keep > 0:  # scan back in blocks for the last newline
+            start = max(0, keep - 65536)
+            f.seek(start)
+            block = f.read(keep - start)
+            at = block.rfind(b"\n")
+            if at >= 0:
+                keep = start + at + 1
+                break
+            keep = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
 
 
 def _database_storage(url: str, tries: int = 5) -> optuna.storages.RDBStorage:

@@ -135,11 +135,14 @@ def run(
     outcome = run_grid(grid, options, console)
     for ended in outcome.ended:
         if ended.note:  # why a cell diverged, failed or was killed
-            errors.print(f"[yellow]{ended.label}[/]: {ended.note}")
+            errors.print(f"[yellow]{escape(ended.label)}[/]: {escape(ended.note)}")
     _print_crashes(outcome)
     if outcome.interrupted:
-        errors.print("Interrupted: checkpoints are kept; run the same command again to resume.")
-        raise typer.Exit(130)
+        errors.print(
+            f"Interrupted ({_signal_name(outcome.signum)}): checkpoints are kept; "
+            "run the same command again to resume."
+        )
+        raise typer.Exit(outcome.exit_code)
     trained = len(outcome.trained)
     console.print(
         f"{grid.name}: {trained} cell(s) trained, {outcome.done} already done, "
@@ -157,7 +160,7 @@ def run(
 
 def _print_crashes(outcome: Outcome) -> None:
     for crash in outcome.crashes:
-        errors.print(f"[red]worker crashed:[/] {crash}")
+        errors.print(f"[red]worker crashed:[/] {escape(crash)}")
 
 
 def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
@@ -187,7 +190,7 @@ def _dry_run(grid: Grid, results: Path, tracking_uri: str | None) -> None:
         table.add_row(
             cell.label,
             cell.key,
-            *[_fmt(flat[a]) for a in grid.axes],
+            *[escape(_fmt(flat[a])) for a in grid.axes],
             f"{info.params / 1e6:.2f}M",
             f"{info.macs / 1e6:.1f}M",
             rows[cell.key],
@@ -234,7 +237,10 @@ def _write_report(grid: Grid, results: Path, tracking_uri: str | None) -> Path:
     store = tracking.open_store(tracking_uri, results)
     path = build_report(grid, store, results / grid.folder)
     published = tracking.publish_report(store, grid, path.parent)
-    console.print(f"report: {path}" + (" (also stored with the grid's run)" if published else ""))
+    console.print(
+        f"report: {path}" + (" (also stored with the grid's run)" if published else ""),
+        markup=False,
+    )
     _print_other_settings(grid, store, "report")
     return path
 
@@ -247,6 +253,7 @@ def _print_other_settings(grid: Grid, store: tracking.Store | None, verb: str) -
         console.print(
             f"{grid.name} also holds {other.describe()}; see them with: "
             f"{other.command(verb, grid)}",
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )
@@ -317,7 +324,7 @@ def _print_rows(grid: Grid, rows: list[PlanRow], added: dict[str, int] | None = 
         m = row.metrics
         epochs = m.get("epochs_done")
         table.add_row(
-            row.cell.label,
+            escape(row.cell.label),
             row.cell.key,
             f"[{STYLE.get(row.status, 'white')}]{row.status}[/]",
             f"{epochs:.0f}" if epochs is not None else "",
@@ -358,7 +365,7 @@ def ui(
     base = remote or f"http://127.0.0.1:{port}"
     urls = _ui_urls(grid, _existing_store(results, tracking_uri), base)
     if remote is not None:
-        console.print(f"The tracking server {remote} has its own UI.")
+        console.print(f"The tracking server {remote} has its own UI.", markup=False)
         _show_urls(urls, open_)
         return
     _serve_ui(uri, port, urls, open_)
@@ -372,7 +379,9 @@ def _ui_urls(grid: Grid | None, store: tracking.Store | None, base: str) -> dict
     found = tracking.find_experiment(store, grid.name) if grid and store else None
     if grid is None or store is None or found is None:
         if grid is not None:
-            console.print(f"{grid.name} has no runs yet: run `ablate run {grid.path}` first.")
+            console.print(
+                f"{grid.name} has no runs yet: run `ablate run {grid.path}` first.", markup=False
+            )
         return {"runs": base + "/#/experiments?workflowType=machine_learning"}
     eid = found.experiment_id
     keys = {cell.key for cell in grid.cells}
@@ -384,9 +393,11 @@ def _ui_urls(grid: Grid | None, store: tracking.Store | None, base: str) -> dict
 
 
 def _show_urls(urls: dict[str, str], open_browser: bool) -> None:
-    console.print(f"Runs table: {urls['runs']}", highlight=False, soft_wrap=True)
+    console.print(f"Runs table: {urls['runs']}", markup=False, highlight=False, soft_wrap=True)
     if "compare" in urls:
-        console.print(f"Compare the cells: {urls['compare']}", highlight=False, soft_wrap=True)
+        console.print(
+            f"Compare the cells: {urls['compare']}", markup=False, highlight=False, soft_wrap=True
+        )
     if open_browser:
         import webbrowser
 
@@ -566,11 +577,16 @@ def tune(
     )
     outcome = tune_grid(grid, options, console)
     for failure in outcome.failures:
-        errors.print(f"[yellow]failed[/] {failure.label}: {failure.note}", highlight=False)
+        errors.print(
+            f"[yellow]failed[/] {escape(failure.label)}: {escape(failure.note)}", highlight=False
+        )
     _print_crashes(outcome)
     _print_studies(grid, outcome)
     if outcome.interrupted:
-        errors.print("Interrupted: finished trials are kept; run the same command to continue.")
+        errors.print(
+            f"Interrupted ({_signal_name(outcome.signum)}): finished trials are kept; "
+            "run the same command to continue."
+        )
     raise typer.Exit(outcome.exit_code)
 
 
@@ -605,17 +621,30 @@ def _print_studies(grid: Grid, outcome: TuneOutcome) -> None:
 # Entry point.
 
 
+def _signal_name(signum: int) -> str:
+    from .signals import signal_name
+
+    return signal_name(signum)
+
+
 def main() -> None:
-    """Console script: user errors become one line and exit code 2; Ctrl-C exits 130."""
+    """Console script: user errors become one line and exit code 2; Ctrl-C exits 130 and
+    SIGTERM (a scheduler's preemption) 143, both after recording what ran as killed."""
+    from .signals import exit_code, handle_termination, signum_of
+
+    handle_termination()
     try:
         code = app(standalone_mode=False)
     except UserError as err:
         # The message is plain text: brackets in it (an extra's name) are not markup.
         errors.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         errors.print("Interrupted.")
         sys.exit(130)
+    except KeyboardInterrupt as err:
+        errors.print(f"Interrupted ({_signal_name(signum_of(err))}).")
+        sys.exit(exit_code(signum_of(err)))
     except typer.TyperException as err:  # usage errors, as click reports them
         err.show()  # type: ignore[attr-defined]
         sys.exit(getattr(err, "exit_code", 2))

@@ -66,11 +66,12 @@ from .device import ExecOptions, resolve_runtime
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
 from .provenance import DatasetRecord, dataset_record, provenance
+from .signals import handle_termination, signal_name, signum_of
 
 if TYPE_CHECKING:
     import optuna
 
-INTERRUPTED = "interrupted (Ctrl-C); rerun to resume"
+INTERRUPTED = "interrupted ({signal}); rerun to resume"
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class Job:
     checkpoint: Path | None = None
     blind: bool = False
     full_record: bool = True
-    interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C
+    interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C or SIGTERM ({signal})
     grid_file: Path | None = None  # stored with a new run, exactly as it was read
 
 
@@ -362,9 +363,10 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         left = job.config.train.epochs - epochs.reached
         worker.emit(Skipped(worker.number, job.key, left))
         return _ended(job, worker, Ending(stop.status, stop.reason))
-    except KeyboardInterrupt:
-        tracking.end_run(store, run_id, "killed", job.interrupted)
-        _ended(job, worker, Ending("killed", job.interrupted))
+    except KeyboardInterrupt as err:
+        reason = job.interrupted.format(signal=signal_name(signum_of(err)))
+        tracking.end_run(store, run_id, "killed", reason)
+        _ended(job, worker, Ending("killed", reason))
         raise
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
@@ -469,6 +471,7 @@ class Outcome:
     ended: list[Ended] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    signum: int = signal.SIGINT  # what interrupted it
 
     def record(self, event: Event) -> None:
         if isinstance(event, Ended):
@@ -482,9 +485,10 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        """130 after Ctrl-C; 1 if a training failed or a worker crashed; else 0."""
+        """128 + the signal after Ctrl-C (130) or SIGTERM (143); 1 if a training failed or a
+        worker crashed; else 0."""
         if self.interrupted:
-            return 130
+            return 128 + self.signum
         return 1 if self.failures or self.crashes else 0
 
 
@@ -505,13 +509,15 @@ def run_pool(contexts: Sequence[WorkerContext], work: Work, show: Emit, outcome:
             work(contexts[0], handle)
         else:
             _run_processes(contexts, work, handle)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         outcome.interrupted = True
+        outcome.signum = signum_of(err)
 
 
 def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:
     """Entry point of a worker process: `work(ctx, emit)`, its events sent to the parent."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle_termination()
     try:
         work(ctx, events.put)
     except KeyboardInterrupt:
@@ -544,8 +550,14 @@ def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) 
                 running -= 1
             else:
                 handle(event)
-    except KeyboardInterrupt:
-        # The workers got the same SIGINT: let them record their runs as killed.
+    except KeyboardInterrupt as err:
+        # Ctrl-C reaches the whole process group; a SIGTERM may have reached only this process
+        # (a scheduler that signals the job's first process): pass it on. Either way, let the
+        # workers record their runs as killed (a second signal is ignored there).
+        if signum_of(err) != signal.SIGINT:
+            for process in processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signum_of(err))
         for process in processes:
             process.join(timeout=30)
         _drain(events, handle)

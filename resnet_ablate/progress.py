@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -66,7 +67,7 @@ class GridProgress:
         )
         work = sum(_cost(c) * c.config.train.epochs for c in pending)
         self.overall: TaskID = self.progress.add_task(
-            f"[bold]{title}[/]", total=work or 1.0, count=self._count(), note=""
+            f"[bold]{escape(title)}[/]", total=work or 1.0, count=self._count(), note=""
         )
         self.workers: dict[int, TaskID] = {}
 
@@ -108,10 +109,10 @@ class GridProgress:
                 self.done += 1
                 self.progress.update(self.overall, count=self._count())
             style = STYLE.get(event.status, "white")
-            note = f": {event.note}" if event.note else ""
-            self.console.log(f"[{style}]{event.status}[/] {event.label}{note}")
+            note = f": {escape(event.note)}" if event.note else ""
+            self.console.log(f"[{style}]{event.status}[/] {escape(event.label)}{note}")
         elif isinstance(event, Crashed):
-            self.console.log(f"[red]worker {event.worker} crashed:[/] {event.error}")
+            self.console.log(f"[red]worker {event.worker} crashed:[/] {escape(event.error)}")
 
     def _started(self, event: Started) -> None:
         if event.worker not in self.workers:
@@ -119,7 +120,7 @@ class GridProgress:
         self.progress.reset(
             self.workers[event.worker],
             total=event.epochs,
-            description=f"  w{event.worker} {event.label}",
+            description=f"  w{event.worker} {escape(event.label)}",
             count=f"epoch 0/{event.epochs}",
             note="",
         )

@@ -112,6 +112,10 @@ def resolve_uri(uri: str | None, results: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(results)
 
 
+#: How long MLflow's SQLite sessions wait for a lock (its `PRAGMA busy_timeout`).
+SQLITE_BUSY_SECONDS = 20
+
+
 def check_results_dir(results: Path) -> None:
     """Make sure results/ can be written before anything trains."""
     if results.exists() and not results.is_dir():
@@ -200,8 +204,15 @@ def open_store(uri: str | None, results: Path) -> Store:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
-        reason = _first_line(err)
-        raise TrackingError(f"tracking store {masked(uri)} cannot be opened: {reason}") from None
+        if "database is locked" in str(err):
+            raise TrackingError(
+                f"tracking store {masked(uri)} is locked by another process for longer than MLflow "
+                f"waits ({SQLITE_BUSY_SECONDS} s); let that process finish or stop it, then run "
+                f"again (nothing was recorded)"
+            ) from None
+        raise TrackingError(
+            f"tracking store {masked(uri)} cannot be opened: {_first_line(err)}"
+        ) from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
 
 

@@ -10,6 +10,8 @@ an epoch never waits for the host until it ends. Where and how it runs is ``devi
 
 from __future__ import annotations
 
+import errno
+import io
 import math
 import os
 import time
@@ -229,18 +231,40 @@ def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[f
 # Checkpoints: tensors and plain data only, written atomically, read with weights_only=True.
 
 
+class DiskFull(OSError):
+    """A write found no space left: the message names the folder, the last checkpoint stays."""
+
+    def __init__(self, folder: Path):
+        super().__init__(errno.ENOSPC, f"no space left on {folder}; free some and run again")
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` atomically: to a temporary file, then renamed over the last checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    buffer = io.BytesIO()  # serialised first, so that a failed write is a plain OSError
+    torch.save(state, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFull(path.parent) from None
+        raise
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
-    """The checkpoint of this cell, or None (absent, another cell's, or unreadable)."""
+    """The checkpoint of this cell, or None (absent, another cell's, or unreadable).
+
+    A write cut short by a kill leaves only its temporary file (the rename is atomic): those
+    are removed here, when the cell starts again, since nothing else would ever read them.
+    """
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        orphan.unlink(missing_ok=True)
     if not path.exists():
         return None
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import time
 from pathlib import Path
 from urllib.error import URLError
 
@@ -386,16 +385,16 @@ def test_mean_and_std_are_those_of_the_training_images():
 
 def test_synthetic_is_deterministic_balanced_and_cheap():
     torch.manual_seed(3)
-    start = time.perf_counter()
     a = load_dataset(DataSpec(name="synthetic"))
-    elapsed = time.perf_counter() - start
     torch.manual_seed(4)
     b = load_dataset(DataSpec(name="synthetic"))
     assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
     assert a.train.x.shape == (2000, 3, 32, 32) and a.test.x.shape == (500, 3, 32, 32)
     assert torch.bincount(a.train.y).tolist() == [200] * 10
     assert a.num_classes == 10 and len(set(a.classes)) == 10
-    assert elapsed < 2.0  # 0.2 s here; generous for a loaded CI machine
+    # Cheap: 2500 uint8 images of 3x32x32, 7.7 MB in memory (time is not asserted: it depends
+    # on the machine and its load).
+    assert a.train.x.dtype == torch.uint8 and a.train.x.nbytes + a.test.x.nbytes == 7_680_000
 
 
 def test_synthetic_is_learnable_but_not_at_once():

@@ -11,6 +11,7 @@ import csv
 import math
 import re
 import shutil
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ FINALS = {  # (shortcut, depth) -> final training error per seed
     ("projection", 56): [6.5, 6.6, 6.7],
 }
 DIVERGED = "training loss became nan in epoch 3 (lr 0.1)"
-FAILED = "RuntimeError: CUDA out of memory"
+FAILED = "RuntimeError: <b>CUDA</b> out of memory & [bold]more[/]"  # shown as written
 NASTY = "<script>alert('x')</script> & <b>bold</b>"
 
 
@@ -109,7 +110,7 @@ def reports(tmp_path_factory):
         },
         seeds=(0,),
         description=NASTY,
-        tags={"note": "<img src=x onerror=alert(1)>"},
+        tags={"note": "<img src=x onerror=alert(1)>", "<i>key</i>": "v"},
     )
     populate(store, synth, lambda c: Plan(5.0 + c.config.model.depth / 10, 7.0, grad_flow=True))
     empty = make_grid(root, "e2e-empty", axes)
@@ -219,7 +220,7 @@ def test_html_verdict_table_links_and_other_runs(reports):
     assert html.count('class="status-diverged"') == 1
     assert html.count('class="status-failed"') == 1
     assert html.count('class="status-new"') == 1
-    assert DIVERGED in html and FAILED in html
+    assert DIVERGED in html and html_escape(FAILED) in html and "<b>CUDA" not in html
     store = reports["store"]
     experiment = store.client.get_experiment_by_name(grid.name).experiment_id
     run = tracking.cell_runs(store, experiment)[grid.cells[0].key]
@@ -247,6 +248,7 @@ def test_user_text_is_escaped(reports):
     assert "<script" not in html and "<b>bold" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "&lt;i&gt;key&lt;/i&gt;: v" in html and "<i>key" not in html  # tag keys too
 
 
 def test_papers_only_for_cifar10_grids(reports):

@@ -68,6 +68,7 @@ def smoke_run(tmp_path_factory):
     return workdir, done
 
 
+@pytest.mark.slow
 def test_run_records_everything_in_mlflow(smoke_run):
     workdir, done = smoke_run
     client = client_for(workdir)
@@ -100,6 +101,7 @@ def test_run_records_everything_in_mlflow(smoke_run):
     assert not list((workdir / "results" / "checkpoints").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_time_spent_tracking_is_recorded(smoke_run):
     # Measured, not asserted against a clock: the share is what the README reports.
     workdir, _ = smoke_run
@@ -108,6 +110,7 @@ def test_time_spent_tracking_is_recorded(smoke_run):
         assert metrics["tracking_seconds"] > 0 and metrics["wall_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing(smoke_run):
     workdir, _ = smoke_run
     before = {r.info.run_id for r in cell_runs(client_for(workdir))}
@@ -117,6 +120,7 @@ def test_rerun_trains_nothing(smoke_run):
     assert {r.info.run_id for r in cell_runs(client_for(workdir))} == before
 
 
+@pytest.mark.slow
 def test_ls_and_dry_run_show_states(smoke_run):
     workdir, _ = smoke_run
     listing = ablate("ls", str(SMOKE), cwd=workdir)
@@ -126,6 +130,7 @@ def test_ls_and_dry_run_show_states(smoke_run):
     assert dry.returncode == 0 and dry.stdout.count("finished") == 2
 
 
+@pytest.mark.slow
 def test_ui_serves_the_grid_store(smoke_run):
     workdir, _ = smoke_run
     port = _free_port()
@@ -162,6 +167,7 @@ def _slow_smoke(tmp_path: Path) -> list[str]:
     return ["--set", "train.epochs=4", "--set", "model.shortcut=none", "--no-report"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
     args = ["-m", "resnet_ablate", "run", str(SMOKE), *_slow_smoke(tmp_path)]
     proc = subprocess.Popen(
@@ -198,6 +204,7 @@ def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
     assert steps(client, resumed.info.run_id, "iter_train_err") == expected
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path):
     args = ["-m", "resnet_ablate", "run", str(SMOKE), *_slow_smoke(tmp_path)]
     proc = subprocess.Popen(
@@ -222,6 +229,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path):
     assert "killed" in listing.stdout
 
 
+@pytest.mark.slow
 def test_two_workers_and_two_runs_at_once_train_each_cell_once(tmp_path):
     grid = ["run", str(SMOKE), "--set", "train.epochs=2", "--set", "seeds=[0, 1]", "--no-report"]
     # Create the store first, as the runner would, so both launches race only on the queue.
@@ -343,6 +351,7 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_real_mlflow_server_as_tracking_uri(tmp_path, mlflow_server):
     done = ablate(
         "run", str(SMOKE), "--set", "train.epochs=1", "--tracking-uri", mlflow_server, cwd=tmp_path

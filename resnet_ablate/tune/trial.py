@@ -46,7 +46,7 @@ from .studies import (
     with_values,
 )
 
-INTERRUPTED = "interrupted (Ctrl-C); it does not count"
+INTERRUPTED = "interrupted ({signal}); it does not count"
 
 
 def work(ctx: WorkerContext, emit: Emit) -> None:

@@ -1,0 +1,391 @@
+"""Faults a long grid meets, each through the command users run: a scheduler's SIGTERM, a
+checkpoint cut short or planted, a corrupt queue journal, a locked store, a full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import multiprocessing
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from resnet_ablate.cellqueue import CellQueue, storage_for
+from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
+from resnet_ablate.data import load_dataset
+from resnet_ablate.device import ExecOptions
+from resnet_ablate.errors import UserError
+from resnet_ablate.train import load_checkpoint, train_cell
+
+from . import queue_claimer
+from .conftest import EXPERIMENTS, ablate, wait_for
+
+SMOKE = EXPERIMENTS / "smoke.yaml"
+SCRIPTS = EXPERIMENTS.parent / "scripts"
+CPU = ExecOptions(device="cpu")
+
+
+def client_for(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+
+
+def cell_runs(client: MlflowClient, grid: str = "smoke"):
+    experiment = client.get_experiment_by_name(grid)
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`ablate.role` = 'cell'"
+    )
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "train_err") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "resnet_ablate", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM: what SLURM and Kubernetes send before they kill a job.
+
+#: Long enough that a signal sent after the first checkpoint lands well before the end.
+LONG = ["--set", "train.epochs=6", "--no-report"]
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path):
+    grid = ["run", str(SMOKE), *LONG, "--workers", "2"]
+    proc = start(grid, tmp_path)
+    checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
+    wait_for(lambda: len(list(checkpoints.glob("*.pt"))) == 2 or proc.poll() is not None, 900)
+    # Only the parent gets it, as from a scheduler that signals the job's first process:
+    # the parent passes it on to its workers.
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "Interrupted (SIGTERM)" in err and "Traceback" not in err
+    client = client_for(tmp_path)
+    killed = {r.info.run_id: r for r in cell_runs(client)}
+    assert len(killed) == 2
+    for run in killed.values():
+        assert run.info.status == "KILLED" and run.data.tags["ablate.status"] == "killed"
+        assert run.data.tags["ablate.reason"] == "interrupted (SIGTERM); rerun to resume"
+    saved = {p.stem: torch.load(p, weights_only=True)["epoch"] for p in checkpoints.glob("*.pt")}
+    assert len(saved) == 2 and all(1 <= epoch < 6 for epoch in saved.values())
+
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = cell_runs(client)
+    assert {r.info.run_id for r in resumed} == set(killed)  # the same runs continue
+    for run in resumed:
+        key = run.data.tags["ablate.cell_key"]
+        assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
+        assert run.data.tags["ablate.resumed_from_epoch"] == str(saved[key])
+        assert steps(client, run.info.run_id) == list(range(1, 7))  # no gap, no repeat
+    assert not list(checkpoints.glob("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints cut short by the kill itself, or planted to run code.
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset(DataSpec(name="synthetic"))
+
+
+def tiny(epochs: int) -> CellConfig:
+    return CellConfig(
+        data=DataSpec(name="synthetic"),
+        model=ModelSpec(depth=8, width=8, shortcut="identity"),
+        train=TrainSpec(epochs=epochs, batch_size=64, lr=0.05),
+        seed=0,
+    )
+
+
+def test_a_checkpoint_cut_short_mid_file_starts_the_cell_again(synthetic, tmp_path):
+    checkpoint = tmp_path / "cell.pt"
+    whole = train_cell(tiny(2), synthetic, key="k", options=CPU)
+    train_cell(tiny(2), synthetic, key="k", options=CPU, checkpoint=checkpoint, max_epochs=1)
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])  # the kill landed mid-write
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        again = train_cell(tiny(2), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert again.resumed_from == 0 and again.status == "finished"
+    assert again.history == [
+        {**h, "epoch_seconds": a["epoch_seconds"], "images_per_second": a["images_per_second"]}
+        for h, a in zip(whole.history, again.history, strict=True)
+    ]  # a clean restart: the same numbers as a training never interrupted
+    assert (tmp_path / "cell.unreadable").exists()  # kept aside for a look, never read again
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_behind(synthetic, tmp_path):
+    checkpoint = tmp_path / "cell.pt"
+    orphan = tmp_path / ".cell.pt.4242.tmp"  # what a kill mid-write leaves (pid 4242)
+    orphan.write_bytes(b"PK\x03\x04 half a checkpoint")
+    train_cell(tiny(1), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell.pt"]
+
+
+class _Plant:
+    """Unpickling this object would create the marker file: code run from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("form", ["torch zip", "plain pickle"])
+def test_a_checkpoint_that_would_run_code_runs_nothing(synthetic, tmp_path, form):
+    checkpoint = tmp_path / "cell.pt"
+    marker = tmp_path / "code-ran"
+    state = {"version": 1, "key": "k", "epoch": 1, "model": _Plant(marker)}
+    if form == "torch zip":
+        torch.save(state, checkpoint)
+    else:
+        checkpoint.write_bytes(pickle.dumps(state))
+    # Read the unsafe way, the planted file does run code: a switch to it would fail this test.
+    if form == "torch zip":
+        torch.load(checkpoint, weights_only=False)
+    else:
+        pickle.loads(checkpoint.read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        assert load_checkpoint(checkpoint, "k") is None
+    assert not marker.exists()
+    planted = (tmp_path / "cell.unreadable").read_bytes()
+    checkpoint.write_bytes(planted)
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        result = train_cell(tiny(1), synthetic, key="k", options=CPU, checkpoint=checkpoint)
+    assert result.resumed_from == 0 and result.status == "finished"
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The queue journal after a crash mid-write.
+
+
+def journal_with_cells(tmp_path: Path, keys: list[str]) -> Path:
+    queue = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    queue.enqueue(keys)
+    return tmp_path / "queue" / "g.journal"
+
+
+def test_a_torn_last_journal_line_is_dropped_and_the_queue_works_on(tmp_path):
+    path = journal_with_cells(tmp_path, ["a", "b", "c"])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # the last write cut short: "c" was never queued
+    # Left as it is, Optuna's next append glues onto the torn line and every later read fails.
+    spoiled = tmp_path / "spoiled.journal"
+    spoiled.write_bytes(whole[:-7])
+    raw = JournalStorage(JournalFileBackend(str(spoiled)))
+    study_id = raw.get_study_id_from_name("cells:g")
+    with pytest.raises((ValueError, AttributeError)):  # the glued line cannot be read back
+        raw.create_new_trial(study_id)
+        JournalStorage(JournalFileBackend(str(spoiled)))
+
+    queue = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    kept = whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 1]
+    assert path.read_bytes().startswith(kept) and path.read_bytes().endswith(b"\n")
+    assert queue.enqueue(["a", "b", "c"]) == 1  # "c" again; "a" and "b" were kept
+    claimed = [queue.claim(), queue.claim(), queue.claim(), queue.claim()]
+    assert sorted(c.key for c in claimed if c) == ["a", "b", "c"] and claimed[-1] is None
+    reopened = CellQueue(storage_for(None, tmp_path, "g"), "cells:g")
+    assert len(reopened._trials(TrialState.RUNNING)) == 3
+
+
+def test_a_corrupt_journal_line_is_one_clear_message(tmp_path):
+    path = journal_with_cells(tmp_path, ["a", "b"])
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], b'{"op_code": 0, "wor\n', *lines[1:]]))
+    with pytest.raises(UserError) as err:
+        storage_for(None, tmp_path, "g")
+    message = str(err.value)
+    assert message.startswith(f"{path}: the queue journal is corrupt")
+    assert "move it aside and run again" in message
+
+
+# --------------------------------------------------------------------------------------------
+# The SQLite store held locked by another process for longer than MLflow waits.
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.slow
+def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tmp_path):
+    make_store = "from pathlib import Path; from resnet_ablate import tracking; "
+    make_store += "tracking.open_store(None, Path('results'))"
+    subprocess.run([sys.executable, "-c", make_store], cwd=tmp_path, check=True)
+    db = tmp_path / "results" / "mlflow.db"  # the store exists, empty
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        grid = ["run", str(SMOKE), "--set", "train.epochs=1", "--no-report"]
+        locked = ablate(*grid, cwd=tmp_path, timeout=300)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert locked.returncode == 2, locked.stdout + locked.stderr
+    err = " ".join(locked.stderr.split())
+    assert f"tracking store sqlite:///{db} is locked by another process" in err
+    assert "Traceback" not in locked.stderr
+    with contextlib.closing(sqlite3.connect(db)) as read:
+        assert read.execute("SELECT name FROM experiments").fetchall() == [("Default",)]
+
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client = client_for(tmp_path)
+    runs = cell_runs(client)
+    assert sorted(r.data.tags["ablate.status"] for r in runs) == ["finished", "finished"]
+    assert all(steps(client, r.info.run_id) == [1] for r in runs)
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk under results/.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs where the checkpoints go; skipped, saying why, where mounting is denied."""
+    where = tmp_path / "results" / "checkpoints"
+    where.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): full disk not tested")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_cell_clearly_and_the_rerun_completes(tmp_path, small_disk):
+    grid = ["run", str(SMOKE), "--set", "train.epochs=2", "--set", "model.shortcut=none"]
+    grid += ["--no-report"]
+    full = ablate(*grid, cwd=tmp_path)
+    assert full.returncode == 1, full.stdout + full.stderr
+    folder = small_disk / "smoke"
+    says = "no space left on results/checkpoints/smoke"  # as given: --results is relative
+    assert says in " ".join(full.stderr.split())
+    assert "Traceback" not in full.stderr
+    client = client_for(tmp_path)  # the store stays readable
+    (run,) = cell_runs(client)
+    assert run.info.status == "FAILED" and run.data.tags["ablate.status"] == "failed"
+    assert says in run.data.tags["ablate.reason"]
+    assert list(folder.iterdir()) == []  # no half-written file left to fill the disk
+
+    subprocess.run(["umount", str(small_disk)], check=True)  # space is freed
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (run,) = cell_runs(client)
+    assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id) == [1, 2]
+
+
+def test_several_claimers_take_every_cell_exactly_once(tmp_path):
+    keys = [f"cell{i:02d}" for i in range(24)]
+    # Two launches enqueue the same cells, as two `ablate run` started at once do.
+    CellQueue(storage_for(None, tmp_path, "g"), "cells:g").enqueue(keys)
+    CellQueue(storage_for(None, tmp_path, "g"), "cells:g").study.enqueue_trial(
+        {}, user_attrs={"cell_key": "cell00"}
+    )
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        taken = pool.map(queue_claimer.claim_all, [str(tmp_path)] * 4)
+    assert sorted(k for mine in taken for k in mine) == keys  # every cell once, none twice
+
+
+# --------------------------------------------------------------------------------------------
+# The fault campaign's judge: it must see every kind of violation.
+
+
+def load_campaign():
+    spec = importlib.util.spec_from_file_location("fault_campaign", SCRIPTS / "fault_campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_campaign"] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_campaign_flags_every_kind_of_violation():
+    campaign = load_campaign()
+
+    def cell(run_id="r1", errs=(50.0, 40.0), status="FINISHED", end=7, flow=(1.0, 2.0)):
+        history = {
+            "train_err": [(i + 1, e) for i, e in enumerate(errs)],
+            "epoch_seconds": [(i + 1, 3.0 + i) for i in range(len(errs))],  # timings may differ
+            "final_test_err": [(2, 38.0)],
+        }
+        return {
+            "run_id": run_id,
+            "status": status,
+            "ablate_status": status.lower(),
+            "end_time": end,
+            "history": history,
+            "grad_flow": {"epochs": {"1": list(flow)}},
+        }
+
+    reference = {"k": [cell()]}
+
+    def judge(record, running=(), early=None):
+        return campaign.violations(record, list(running), reference, early or {}, 2)
+
+    assert judge({"k": [cell()]}) == []
+    assert judge({"k": [{**cell(), "history": {**cell()["history"], "epoch_seconds": []}}]})
+    assert judge({"k": [cell(), cell("r2")]}) == ["k: 2 runs, not one"]
+    assert sorted(judge({"k": [cell(errs=(50.0,))]})) == [
+        "k: epoch_seconds steps [1]",
+        "k: train_err differs from the uninterrupted run",
+        "k: train_err steps [1]",
+    ]
+    assert judge({"k": [cell(errs=(50.0, 40.000001))]}) == [
+        "k: train_err differs from the uninterrupted run"
+    ]
+    assert judge({"k": [cell(flow=(1.0, 2.5))]}) == [
+        "k: gradient flow differs from the uninterrupted run"
+    ]
+    assert judge({"k": [cell(end=9)]}, early={"k": ("r1", 7)}) == [
+        "k: trained again after it had finished"
+    ]
+    assert judge({"k": [cell()]}, running=["p"]) == ["runs left RUNNING: ['p']"]
+    assert judge({"k": [cell(status="KILLED")]}) == ["k: ended KILLED / killed"]
+    assert judge({}) == ["cells [] != reference ['k']"]
