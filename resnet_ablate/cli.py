@@ -413,7 +413,8 @@ def _serve_ui(uri: str, port: int, urls: dict[str, str], open_browser: bool) -> 
     import urllib.request
 
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    # One worker: a UI on loopback has one user, and four (the default) starve a small machine.
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         command += ["--artifacts-destination", root.resolve().as_uri()]

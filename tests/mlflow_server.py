@@ -69,9 +69,15 @@ def _start(folder: Path, port: int, timeout: float) -> tuple[subprocess.Popen, s
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group; SIGKILL if it has not gone after 30 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextlib.contextmanager
