@@ -212,10 +212,10 @@ def test_a_tracking_server_restart_mid_grid_loses_and_duplicates_nothing(
     assert before <= {r.info.run_id for r in cell_runs}  # nothing recorded before was lost
 
 
-def _one_line_exit_2(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
+def _one_line_exit_2(code: int, out: str) -> str:
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
     return lines[0]
 
 
@@ -223,50 +223,43 @@ def test_bad_database_urls_are_one_line_exit_2_and_write_nothing(postgres, serve
     grid = grid_file(tmp_path, "bad-urls", epochs=1, seeds=1)
     untouched = postgres.create_database("untouched")
     down = f"postgresql://ablate:x@127.0.0.1:{free_port()}/queue"
+    tracking = ["--tracking-uri", server.url]
+    # The default driver (psycopg 3) missing from this Python, as if the extra were not installed.
+    hide = "import sys; sys.modules['psycopg'] = None; from resnet_ablate.cli import main; main()"
     cases = {
         "psycopg2": (
-            postgres.url("untouched", scheme="postgresql+psycopg2"),
+            ["--queue", postgres.url("untouched", scheme="postgresql+psycopg2")] + tracking,
             "resnet-ablate[postgres]",
         ),
-        "password": (postgres.url("untouched", password="wrong"), "password authentication failed"),
-        "down": (down, "Connection refused"),
+        "no-driver": (["--queue", untouched, *tracking], "resnet-ablate[postgres]"),
+        "password": (
+            ["--queue", postgres.url("untouched", password="wrong"), *tracking],
+            "password authentication failed",
+        ),
+        "down": (["--queue", down, *tracking], "Connection refused"),
+        # A shared queue with this machine's own SQLite store: refused, naming the URI to use.
+        "local-store": (["--queue", untouched], "--tracking-uri http://"),
     }
-    for case, (queue, expected) in cases.items():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "400"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = {}
+    for case, (args, _) in cases.items():  # all at once: each is a Python start-up
         folder = tmp_path / case
         folder.mkdir()
-        done = ablate("run", str(grid), "--queue", queue, "--tracking-uri", server.url, cwd=folder)
-        line = _one_line_exit_2(done)
+        entry = ["-c", hide] if case == "no-driver" else ["-m", "resnet_ablate"]
+        started[case] = subprocess.Popen(
+            [sys.executable, *entry, "run", str(grid), *args],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for case, (_, expected) in cases.items():
+        _, err = started[case].communicate(timeout=300)
+        line = _one_line_exit_2(started[case].returncode, err)
         assert expected in line, line
         assert "grid-secret" not in line and ":wrong@" not in line  # no password printed
-        assert not any(folder.iterdir())  # nothing written here
-    # The default driver (psycopg 3) missing from this Python: the same message, the extra named.
-    folder = tmp_path / "no-driver"
-    folder.mkdir()
-    hide = "import sys; sys.modules['psycopg'] = None; from resnet_ablate.cli import main; main()"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            hide,
-            "run",
-            str(grid),
-            "--queue",
-            untouched,
-            "--tracking-uri",
-            server.url,
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    assert "resnet-ablate[postgres]" in _one_line_exit_2(done)
-    # A shared queue with this machine's own SQLite store: refused, naming the URI to use.
-    folder = tmp_path / "local-store"
-    folder.mkdir()
-    done = ablate("run", str(grid), "--queue", untouched, cwd=folder)
-    assert "--tracking-uri http://" in _one_line_exit_2(done)
-    assert not any(folder.iterdir())
+        assert not any((tmp_path / case).iterdir())  # nothing written here
     assert postgres.tables("untouched") == []  # no queue was created
     assert MlflowClient(server.url).get_experiment_by_name("bad-urls") is None
