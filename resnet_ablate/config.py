@@ -30,8 +30,9 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from .errors import GridError
 from .seeds import SeedRange, check_seeds
+from .yamlfile import read_yaml
 
 Arch = Literal["cifar", "tutorial"]
 Block = Literal["basic", "bottleneck"]
@@ -51,10 +52,6 @@ CONVS_PER_UNIT = {"basic": 2, "bottleneck": 3}
 STAGES = {"cifar": 3, "tutorial": 4}
 DEFAULT_WIDTH = {"cifar": 16, "tutorial": 64}
 DEFAULT_DEPTH = {"cifar": 20, "tutorial": 18}
-
-
-class GridError(UserError):
-    """A mistake in a grid file or an override: the message is meant for the user as it is."""
 
 
 def depth_step(arch: str, block: str) -> int:
@@ -470,7 +467,7 @@ class Grid:
 def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     """Read, validate and expand a grid file; raise :class:`GridError` with one clear message."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     for text in overrides:
         _apply_override(raw, text, path)
     grid = expand(raw, path, sliced=bool(overrides))
@@ -489,57 +486,6 @@ def canonical_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
 def _folder_safe(text: str) -> str:
     """An override as part of a folder name: letters, digits and `._,=-` only."""
     return re.sub(r"[^A-Za-z0-9._,=-]", "", text)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise GridError(f"{path}: no such grid file; give the path to a .yaml grid file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise GridError(f"{where}: YAML syntax error: {problem}; fix the file") from None
-    except UnicodeDecodeError:
-        raise GridError(f"{path}: not a text file; a grid file is UTF-8 YAML") from None
-    except (ValueError, TypeError, AttributeError, RecursionError) as err:
-        # PyYAML's constructors fail this way on values their tag cannot hold
-        # (`!!timestamp tomorrow`), and on keys that cannot be keys (`? [a]: 1`).
-        raise GridError(
-            f"{path}: a YAML value cannot be read ({type(err).__name__}); fix the file"
-        ) from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{path}: a grid file is a mapping with keys name, base, grid, seeds")
-    _check_plain(raw, path)
-    return raw
-
-
-#: More nodes than any grid needs: YAML aliases can make a small file expand beyond this.
-MAX_NODES = 100_000
-
-
-def _check_plain(raw: Any, path: Path) -> None:
-    """A grid file is a tree of plain data: no alias that refers to a node containing it, and
-    no expansion of aliases into more than `MAX_NODES` nodes."""
-    seen = 0
-    stack: list[tuple[Any, frozenset[int]]] = [(raw, frozenset())]
-    while stack:
-        node, above = stack.pop()
-        seen += 1
-        if seen > MAX_NODES:
-            raise GridError(
-                f"{path}: expands to more than {MAX_NODES} values (YAML aliases?); "
-                "write the grid out plainly"
-            )
-        if isinstance(node, dict | list):
-            if id(node) in above:
-                raise GridError(
-                    f"{path}: a YAML alias refers to a node that contains it; "
-                    "a grid file is plain data without cycles"
-                )
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, above | {id(node)}) for child in children)
 
 
 def _apply_override(raw: dict[str, Any], text: str, path: Path) -> None:
