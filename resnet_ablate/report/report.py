@@ -387,7 +387,8 @@ def _iterations_figure(
         f"right, one colour per depth. Thin lines: training error, the running mean over the "
         f"iterations since the previous point ({points} points per epoch, training mode, "
         f"augmented images); bold lines: test error at the end of each epoch. {lines[0].upper()}"
-        f"{lines[1:]}. Finished runs only; the y axis starts where training is under way.{others}",
+        f"{lines[1:]}. Finished runs only; the y axis leaves out the near-chance error of early "
+        f"training.{others}",
         plots.error_against_iterations(frame, palette),
     )
 
