@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -30,26 +29,11 @@ from resnet_ablate.train import load_checkpoint, train_cell
 
 from . import queue_claimer
 from .conftest import EXPERIMENTS, ablate, wait_for
+from .records import cell_runs, client_for, steps
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
 SCRIPTS = EXPERIMENTS.parent / "scripts"
 CPU = ExecOptions(device="cpu")
-
-
-def client_for(workdir: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
-
-
-def cell_runs(client: MlflowClient, grid: str = "smoke"):
-    experiment = client.get_experiment_by_name(grid)
-    assert experiment is not None
-    return client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`ablate.role` = 'cell'"
-    )
-
-
-def steps(client: MlflowClient, run_id: str, key: str = "train_err") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:

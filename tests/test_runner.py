@@ -39,24 +39,11 @@ from resnet_ablate.runner import cell_job
 from resnet_ablate.train import CellResult, point_marks
 
 from .conftest import EXPERIMENTS, ablate, wait_for
+from .mlflow_server import free_port
+from .mlflow_server import mlflow_server as real_mlflow_server
+from .records import cell_runs, client_for, steps
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
-
-
-def client_for(workdir: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
-
-
-def cell_runs(client: MlflowClient, grid: str = "smoke"):
-    experiment = client.get_experiment_by_name(grid)
-    assert experiment is not None
-    return client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`ablate.role` = 'cell'"
-    )
-
-
-def steps(client: MlflowClient, run_id: str, key: str = "train_err") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +120,7 @@ def test_ls_and_dry_run_show_states(smoke_run):
 @pytest.mark.slow
 def test_ui_serves_the_grid_store(smoke_run):
     workdir, _ = smoke_run
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "resnet_ablate", "ui", "--port", str(port)],
         cwd=workdir,
@@ -297,58 +284,11 @@ def test_results_that_is_a_file_is_one_clear_message(tmp_path):
     assert (tmp_path / "results").read_text() == "keep me"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback, started and stopped by the test."""
-    port = _free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store / 'mlflow.db'}",
-            "--artifacts-destination",
-            (store / "artifacts").as_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=store,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return proc.poll() is not None  # stop waiting if the server died
-
-    try:
-        wait_for(healthy, timeout=90, every=0.5)
-        assert proc.poll() is None, "mlflow server exited"
+    with real_mlflow_server(tmp_path / "server") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
