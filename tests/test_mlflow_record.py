@@ -213,6 +213,16 @@ def test_a_crashed_cell_fails_the_parent_run(tmp_path, monkeypatch):
     metrics = parent.data.metrics
     assert metrics["cells_failed"] == 1 and metrics["cells_done"] == 1
     assert metrics["cells_total"] == 2
+    # The failed cell keeps its traceback; the other cell trained; a rerun retries only it.
+    (failed,) = [r for r in runs(client, "cell") if r.data.tags["ablate.status"] == "failed"]
+    assert "out of memory in the plain net" in failed.data.tags["ablate.reason"]
+    text = Path(client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path)))
+    assert "RuntimeError: out of memory in the plain net" in text.read_text()
+    monkeypatch.setattr(engine.train, "train_cell", real)
+    again = run_grid(grid, options, Console(file=io.StringIO()))
+    assert again.exit_code == 0 and again.done == 1 and again.total == 2
+    statuses = sorted(r.data.tags["ablate.status"] for r in runs(client, "cell"))
+    assert statuses.count("finished") == 2
 
 
 @pytest.mark.slow
