@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import (
@@ -115,7 +115,7 @@ def tuned_grid(grid: Grid, best: Mapping[str, Mapping[str, Any]]) -> Grid:
         for cell in target.cells:
             config = with_values(cell.config, best[target.key])
             replaced[cell.key] = Cell(config=config, varying=cell.varying, tuned=True)
-    return Grid(spec=grid.spec, cells=tuple(replaced[c.key] for c in grid.cells), path=grid.path)
+    return replace(grid, cells=tuple(replaced[c.key] for c in grid.cells))
 
 
 def default_grid(grid: Grid) -> Grid:
