@@ -292,7 +292,8 @@ def test_a_sequential_grid_runs_its_rounds_and_resumes_after_an_interruption(tmp
     assert all(run.data.tags["ablate.status"] == "finished" for run in after.values())
     assert after[killed].info.run_id == before[killed].info.run_id  # resumed in its own run
 
-    html = (tmp_path / "results" / "seq-smoke" / "report.html").read_text()
+    folder = "seq-smoke+data.test_subset=100+data.train_subset=256+train.epochs=3"  # overrides
+    html = (tmp_path / "results" / folder / "report.html").read_text()
     assert "Seeds until decided (2 to 3 per configuration): a group-sequential design" in html
     assert "Settled after 2 rounds; seeds per configuration: plain-8 3, res-8 3." in html
     assert "Undecided at the maximum of 3 seeds: plain-8 against res-8 (basic post)." in html
