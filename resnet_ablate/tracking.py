@@ -504,8 +504,8 @@ def publish_report(store: Store, grid: Grid, folder: Path) -> bool:
 def run_active(store: Store, run_id: str) -> bool:
     """Whether a run exists and is not deleted."""
     try:
-        return store.client.get_run(run_id).info.lifecycle_stage == "active"
-    except Exception:  # not found in this store
+        return get_run(store, run_id).info.lifecycle_stage == "active"
+    except TrackingError:  # not found in this store
         return False
 
 
