@@ -213,9 +213,13 @@ class WorkerContext:
 
 
 def contexts(session: Session, workers: int) -> list[WorkerContext]:
-    """One context per worker: GPUs shared round-robin; on a CPU the cores split between them."""
+    """One context per worker started: GPUs shared round-robin; on a CPU the cores split
+    between the workers asked for (``--workers``), however many are started. The thread count
+    changes a CPU's float sums, so a cell trains with the same threads whether it is the only
+    one left (a resumed grid) or one of many: its numbers do not depend on what was left."""
     options = session.options.exec or ExecOptions()
-    return [WorkerContext(session, i, worker_exec(options, i, workers)) for i in range(workers)]
+    share = max(workers, session.options.workers)
+    return [WorkerContext(session, i, worker_exec(options, i, share)) for i in range(workers)]
 
 
 def worker_exec(options: ExecOptions, worker: int, workers: int) -> ExecOptions:

@@ -432,3 +432,18 @@ def test_writes_are_chunked_to_mlflow_s_limits(tmp_path):
     run = MlflowClient(store.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and len(run.data.tags["ablate.reason"]) == 4000
     assert run.data.tags["extra"] == "1"
+
+
+def test_a_cpu_worker_s_threads_follow_the_workers_asked_for_not_those_started(
+    tmp_path, monkeypatch
+):
+    """A CPU's float sums change with the thread count: a cell left alone in a resumed grid of
+    `--workers 4` trains with the threads it had among four, so its numbers stay the same."""
+    monkeypatch.setattr("resnet_ablate.engine.os.cpu_count", lambda: 8)
+    session = smoke_session(tmp_path, workers=4, exec=ExecOptions(device="cpu"))
+    assert [c.exec.threads for c in contexts(session, 4)] == [2, 2, 2, 2]
+    assert [c.exec.threads for c in contexts(session, 1)] == [2]
+    alone = smoke_session(tmp_path / "alone", exec=ExecOptions(device="cpu"))
+    assert [c.exec.threads for c in contexts(alone, 1)] == [None]  # torch's own choice
+    chosen = smoke_session(tmp_path / "set", workers=4, exec=ExecOptions(device="cpu", threads=3))
+    assert [c.exec.threads for c in contexts(chosen, 1)] == [3]
