@@ -63,6 +63,7 @@ from .cellqueue import agree_once
 from .config import Cell, CellConfig, DataSpec, Grid
 from .data import Dataset, load_dataset
 from .device import ExecOptions, resolve_runtime
+from .errors import UserError
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
 from .provenance import DatasetRecord, dataset_record, provenance
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     import optuna
 
 INTERRUPTED = "interrupted ({signal}); rerun to resume"
+#: What a store that took no write left of the work, for its message.
+RESUMES = "the cells' checkpoints are kept: the rerun resumes them"
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,10 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         _ended(job, worker, Ending("killed", reason))
         raise
     except Exception as err:
+        # A store that takes no write can record nothing: the run stays open and the checkpoint
+        # kept, as after a kill, and the rerun resumes them.
+        if (unavailable := tracking.store_unavailable(store.uri, err, RESUMES)) is not None:
+            raise unavailable from None
         reason = f"{type(err).__name__}: {err}"
         tracking.log_text(store, run_id, "traceback.txt", traceback.format_exc())
         tracking.end_run(store, run_id, "failed", reason)
@@ -526,6 +533,8 @@ def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:
         work(ctx, events.put)
     except KeyboardInterrupt:
         pass
+    except UserError as err:  # a message for the user, already one clear line
+        events.put(Crashed(ctx.worker, str(err)))
     except Exception as err:
         events.put(Crashed(ctx.worker, f"{type(err).__name__}: {err}"))
     finally:

@@ -13,6 +13,7 @@ open) into the same outcome and display, until the verdicts are decided or at th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from .cellqueue import CellQueue, Claim, heartbeat_seconds, host_name, storage_f
 from .config import Cell, Grid
 from .databases import check_urls
 from .engine import (
+    RESUMES,
     Job,
     Outcome,
     RunOptions,
@@ -191,14 +193,17 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     queue = CellQueue(storage, queue_name(grid))
     ended: GridOutcome | None = None
     try:
-        with GridProgress(
-            console,
-            grid.name,
-            pending,
-            done=outcome.done,
-            total=outcome.total,
-            done_states=tracking.DONE,
-        ) as progress:
+        with (
+            tracking.unavailable_is_one_line(store, RESUMES),
+            GridProgress(
+                console,
+                grid.name,
+                pending,
+                done=outcome.done,
+                total=outcome.total,
+                done_states=tracking.DONE,
+            ) as progress,
+        ):
             tried: set[str] = set()
             while pending:
                 run_round(session, queue, pending, progress.update, outcome)
@@ -210,7 +215,12 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
         outcome.elsewhere = len(queue.running_elsewhere())
         ended = outcome
     finally:  # the parent run says how this invocation ended, whatever happened
-        close_grid(session, store, ended)
+        with tracking.unavailable_is_one_line(store, RESUMES):
+            if ended is not None:
+                close_grid(session, store, ended)
+            else:  # where the store fails too, the error on its way out is the one to tell
+                with contextlib.suppress(Exception):
+                    close_grid(session, store, ended)
     return outcome
 
 

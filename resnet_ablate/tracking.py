@@ -199,21 +199,52 @@ def open_store(uri: str | None, results: Path) -> Store:
     os.environ[_QUIET_URLS] = "true"
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # It logs a database error's traceback, then raises the same error: that is what is told.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with lock, _quiet_noload():  # a new SQLite store from two processes at once races
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
-        if "database is locked" in str(err):
-            raise TrackingError(
-                f"tracking store {masked(uri)} is locked by another process for longer than MLflow "
-                f"waits ({SQLITE_BUSY_SECONDS} s); let that process finish or stop it, then run "
-                f"again (nothing was recorded)"
-            ) from None
+        if (unavailable := store_unavailable(uri, err, "nothing was recorded")) is not None:
+            raise unavailable from None
         raise TrackingError(
             f"tracking store {masked(uri)} cannot be opened: {_first_line(err)}"
         ) from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
+
+
+def store_unavailable(uri: str, err: BaseException, said: str) -> TrackingError | None:
+    """The one-line error for a store that cannot take a write for now (SQLite held locked by
+    another process past MLflow's wait, or its disk full), ending with `said` (what became of
+    the work); None for any other error."""
+    text = str(err)
+    if "database is locked" in text:
+        return TrackingError(
+            f"tracking store {masked(uri)} is locked by another process for longer than MLflow "
+            f"waits ({SQLITE_BUSY_SECONDS} s); let that process finish or stop it, then run "
+            f"again ({said})"
+        )
+    if "database or disk is full" in text:
+        where = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite") else uri
+        return TrackingError(
+            f"tracking store {masked(uri)} is full: no space left on {where}; free some, then "
+            f"run again ({said})"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def unavailable_is_one_line(store: Store, said: str) -> Iterator[None]:
+    """Within: an error of a store that cannot take a write for now becomes its one line."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:
+        if (unavailable := store_unavailable(store.uri, err, said)) is not None:
+            raise unavailable from None
+        raise
 
 
 def existing_store(uri: str | None, results: Path) -> Store | None:

@@ -20,6 +20,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from resnet_ablate import tracking
 from resnet_ablate.cellqueue import CellQueue, storage_for
 from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
 from resnet_ablate.data import load_dataset
@@ -260,6 +261,62 @@ def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tm
     assert all(steps(client, r.info.run_id) == [1] for r in runs)
 
 
+@pytest.mark.slow
+def test_a_store_locked_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_path):
+    grid = ["run", str(SMOKE), "--set", "train.epochs=6", "--set", "model.shortcut=none"]
+    grid += ["--no-report"]
+    run = start(grid, tmp_path)
+    checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
+    wait_for(lambda: any(checkpoints.glob("*.pt")) or run.poll() is not None)
+    db = tmp_path / "results" / "mlflow.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        out, err = run.communicate(timeout=300)  # the next epoch's write waits, then gives up
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert run.returncode == 2, out + err
+    said = " ".join(err.split())
+    assert said == (
+        f"error: tracking store sqlite:///{db} is locked by another process for longer than "
+        "MLflow waits (20 s); let that process finish or stop it, then run again (the cells' "
+        "checkpoints are kept: the rerun resumes them)"
+    )
+    assert any(checkpoints.glob("*.pt"))
+
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client = client_for(tmp_path)
+    (resumed,) = cell_runs(client)
+    assert resumed.data.tags["ablate.status"] == "finished"
+    assert int(resumed.data.tags["ablate.resumed_from_epoch"]) >= 1
+    assert steps(client, resumed.info.run_id) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_sqlite_store_is_one_line_naming_it(tmp_path):
+    """SQLite's own error when its file can grow no more (here: a page limit), as MLflow
+    passes it on, becomes one line that names the store and its folder."""
+    db = tmp_path / "results" / "mlflow.db"
+    db.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(db)) as full:
+        full.execute("CREATE TABLE t (x BLOB)")
+        full.execute(f"PRAGMA max_page_count = {full.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            full.execute("INSERT INTO t VALUES (zeroblob(1000000))")
+    error = tracking.store_unavailable(f"sqlite:///{db}", caught.value, "nothing was lost")
+    assert str(error) == (
+        f"tracking store sqlite:///{db} is full: no space left on {db.parent}; free some, then "
+        "run again (nothing was lost)"
+    )
+    assert tracking.store_unavailable("sqlite:///x", ValueError("other"), "") is None
+
+
 # --------------------------------------------------------------------------------------------
 # A full disk under results/.
 
@@ -305,6 +362,51 @@ def test_a_full_disk_fails_the_cell_clearly_and_the_rerun_completes(tmp_path, sm
     (run,) = cell_runs(client)
     assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
     assert steps(client, run.info.run_id) == [1, 2]
+
+
+#: lr x weight decay = 5 > 2: each step's decay flips the weights' sign and grows them fivefold,
+#: until the unnormalised last layer overflows. lr 100 with the usual decay stays finite.
+DIVERGING = """\
+name: smoke
+base:
+  data:  {name: synthetic, augment: false}
+  model: {block: basic, order: post, depth: 8, width: 8, shortcut: identity}
+  train: {epochs: 2, batch_size: 64, lr: 100, momentum: 0.9}
+grid:
+  train.weight_decay: [1.0e-4, 0.05]
+"""
+
+
+@pytest.mark.slow
+def test_a_diverging_cell_is_a_result_others_go_on_and_the_rerun_trains_nothing(
+    tmp_path, write_grid
+):
+    grid = write_grid(DIVERGING)
+    first = ablate("run", str(grid), "--device", "cpu", "--precision", "fp32", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr  # divergence is a finding
+    said = " ".join(first.stdout.split())
+    assert "res-8 basic post weight_decay=0.05 s0: training loss became nan in epoch 1" in said
+    client = client_for(tmp_path)
+    runs = {r.data.params["train.weight_decay"]: r for r in cell_runs(client)}
+    diverged, finished = runs["0.05"], runs["0.0001"]
+    assert diverged.info.status == "FINISHED" and diverged.data.tags["ablate.status"] == "diverged"
+    assert diverged.data.tags["ablate.reason"] == "training loss became nan in epoch 1 (lr 100)"
+    assert steps(client, diverged.info.run_id) == [1]  # the epoch it diverged in, nothing after
+    assert finished.data.tags["ablate.status"] == "finished"
+    assert steps(client, finished.info.run_id) == [1, 2]
+    assert not any((tmp_path / "results" / "checkpoints" / "smoke").glob("*.pt"))
+
+    again = ablate("run", str(grid), "--device", "cpu", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 cell(s) trained, 2 already done" in again.stdout
+    assert {r.info.run_id for r in cell_runs(client)} == {r.info.run_id for r in runs.values()}
+
+    (tmp_path / "results" / "smoke" / "report.html").unlink()
+    report = ablate("report", str(grid), cwd=tmp_path)  # the report alone, from the store
+    assert report.returncode == 0, report.stdout + report.stderr
+    html = (tmp_path / "results" / "smoke" / "report.html").read_text()
+    assert html.count('class="status-diverged"') == 1
+    assert "training loss became nan in epoch 1" in html
 
 
 def test_several_claimers_take_every_cell_exactly_once(tmp_path):
