@@ -56,6 +56,7 @@ from typing import Any
 
 from mlflow.entities import Dataset as MlflowDataset
 from mlflow.entities import DatasetInput, Experiment, InputTag, Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
@@ -569,12 +570,16 @@ def cell_run_spec(
 
 
 def get_run(store: Store, run_id: str) -> Run:
-    """A run by id; a TrackingError that says so when the store has none."""
+    """A run by id; a TrackingError that says so when the store has none. Any other error (a
+    server down, a store locked) is raised as it is: it says nothing about the run."""
     try:
         return store.client.get_run(run_id)
-    except Exception:
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         raise TrackingError(
-            f"run {run_id}: no such run in {store.uri}; `ablate ls GRID` lists the runs' ids"
+            f"run {run_id}: no such run in {masked(store.uri)}; `ablate ls GRID` lists the "
+            f"runs' ids"
         ) from None
 
 

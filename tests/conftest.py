@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -49,3 +51,24 @@ def wait_for(predicate, timeout: float = 240.0, every: float = 0.2) -> None:
             return
         time.sleep(every)
     raise AssertionError("timed out waiting")
+
+
+def ablate_here(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """`ablate ARGS` in this process, run from `cwd` (the console script's `main`, without a
+    process's start-up): exit code, out, err."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdout, sys.stderr, os.getcwd(), signal.getsignal(signal.SIGTERM)
+    sys.argv, sys.stdout, sys.stderr = ["ablate", *args], out, err
+    os.chdir(cwd)
+    try:
+        from resnet_ablate import cli
+
+        cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    finally:
+        sys.argv, sys.stdout, sys.stderr = saved[:3]
+        os.chdir(saved[3])
+        signal.signal(signal.SIGTERM, saved[4])
+    return code, out.getvalue(), err.getvalue()

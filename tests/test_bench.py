@@ -226,6 +226,7 @@ def test_workers_sweep_reports_the_aggregate_of_packed_trainers(small):
     assert result["points"][0]["scaling"] == 1.0
 
 
+@pytest.mark.slow
 def test_workers_sweep_in_processes_as_the_runner_starts_them(small):
     result = workers_sweep(
         TINY,
@@ -250,6 +251,7 @@ def test_workers_sweep_in_processes_as_the_runner_starts_them(small):
 # The command.
 
 
+@pytest.mark.slow
 def test_bench_command_prints_json_that_parses(tmp_path):
     proc = ablate(
         *("bench", "--model", TINY, "--batch", "16", "--device", "cpu"),
@@ -263,6 +265,7 @@ def test_bench_command_prints_json_that_parses(tmp_path):
     assert result["dataset"] == "synthetic" and result["shape"] == [3, 32, 32]
 
 
+@pytest.mark.slow
 def test_bench_command_prints_a_table_and_the_headline(tmp_path):
     proc = ablate(
         *("bench", "--model", TINY, "--batch", "16", "--device", "cpu", "--dataset", "synthetic"),
@@ -274,6 +277,7 @@ def test_bench_command_prints_a_table_and_the_headline(tmp_path):
     assert "x the standard loop" in proc.stdout and "compile/capture s" in proc.stdout
 
 
+@pytest.mark.slow
 def test_an_unknown_model_label_exits_2_with_a_clear_message(tmp_path):
     proc = ablate("bench", "--model", "resnet-56", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 2

@@ -109,6 +109,7 @@ def tiny(epochs: int) -> CellConfig:
     )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_mid_file_starts_the_cell_again(synthetic, tmp_path):
     checkpoint = tmp_path / "cell.pt"
     whole = train_cell(tiny(2), synthetic, key="k", options=CPU)

@@ -27,7 +27,7 @@ DRY_RUN = {
     "SMOKE_EPOCHS": "1",
     "SMOKE_SUBSET": "500",
     "SMOKE_BATCH": "50",
-    "SMOKE_WORKERS": "2",
+    "SMOKE_WORKERS": "1",
 }
 
 

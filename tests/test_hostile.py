@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from resnet_ablate.config import load_grid
 from resnet_ablate.events import Crashed, Ended, Started
 from resnet_ablate.progress import GridProgress
 
-from .conftest import EXPERIMENTS
+from .conftest import EXPERIMENTS, ablate_here
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
 
@@ -176,28 +175,10 @@ def test_mutated_grid_files_exit_0_or_2_with_one_clear_line(text, tmp_path_facto
     folder = tmp_path_factory.mktemp("fuzz")
     grid = folder / "grid.yaml"
     grid.write_text(text, encoding="utf-8", errors="surrogatepass")
-    code, out, err = run_cli_plain(["ls", str(grid)], folder)
+    code, out, err = ablate_here(["ls", str(grid)], folder)
     assert code in (0, 2), (text, err)
     assert "Traceback" not in err and "Traceback" not in out
     if code == 2:
         assert err.startswith("error: ") and str(grid) in " ".join(err.split()), err
         assert sorted(p.name for p in folder.iterdir()) == ["grid.yaml"]  # nothing written
     assert not (folder / "pwned").exists() and not Path("pwned").exists()
-
-
-def run_cli_plain(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    """`ablate ARGS` in this process, run from `cwd`, with its output captured."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, sys.stdout, sys.stderr, os.getcwd(), signal.getsignal(signal.SIGTERM)
-    sys.argv, sys.stdout, sys.stderr = ["ablate", *args], out, err
-    os.chdir(cwd)
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    finally:
-        sys.argv, sys.stdout, sys.stderr = saved[:3]
-        os.chdir(saved[3])
-        signal.signal(signal.SIGTERM, saved[4])
-    return code, out.getvalue(), err.getvalue()

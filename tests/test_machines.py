@@ -40,7 +40,7 @@ def server(postgres: Postgres, tmp_path_factory):
         yield running
 
 
-def grid_file(folder: Path, name: str, epochs: int, seeds: int = 6) -> Path:
+def grid_file(folder: Path, name: str, epochs: int, seeds: int = 3) -> Path:
     """A grid of 2 x `seeds` tiny cells on synthetic data."""
     path = folder / f"{name}.yaml"
     path.write_text(
@@ -132,10 +132,10 @@ def test_three_machines_train_each_cell_once_under_one_parent(postgres, server, 
         assert code == 0, out
         assert "View run" not in out and "View experiment" not in out  # the tool's own console
     client = MlflowClient(server.url)
-    cell_runs = assert_one_clean_run_per_cell(client, "three-machines", cells=12, epochs=2)
+    cell_runs = assert_one_clean_run_per_cell(client, "three-machines", cells=6, epochs=2)
     assert not runs(client, "three-machines", "cell", ViewType.DELETED_ONLY)  # none retrained
     trained_here = sum(int(out.split(" cell(s) trained")[0].split()[-1]) for _, out in outputs)
-    assert trained_here == 12
+    assert trained_here == 6
     # The report is built from the tracking server, from any machine's folder.
     folder = tmp_path / "machine-2"
     done = ablate(
@@ -143,7 +143,7 @@ def test_three_machines_train_each_cell_once_under_one_parent(postgres, server, 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (folder / "results" / "three-machines" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 1 + 12
+    assert len(summary) == 1 + 6
     html = (folder / "results" / "three-machines" / "report.html").read_text()
     for run in cell_runs:
         assert run.info.run_id in html  # every cell links to its run
@@ -175,7 +175,7 @@ def test_a_killed_machine_s_cell_is_taken_over_and_trained_once(postgres, server
     for proc in others:
         code, out = finish(proc)
         assert code == 0, out
-    cell_runs = assert_one_clean_run_per_cell(client, name, cells=12, epochs=6)
+    cell_runs = assert_one_clean_run_per_cell(client, name, cells=6, epochs=6)
     (taken,) = [r for r in cell_runs if r.data.tags["ablate.cell_key"] == key]
     assert taken.data.tags["ablate.host"] in ("machine-1", "machine-2")
     # The dead machine's partial run is set aside (deleted, restorable), and is the only one.
@@ -208,7 +208,7 @@ def test_a_tracking_server_restart_mid_grid_loses_and_duplicates_nothing(
     if any(code != 0 for code, _ in outputs):  # a clear failure of a cell; a rerun repairs it
         code, out = finish(start_machine(tmp_path, 0, grid, queue, server.url))
         assert code == 0, out
-    cell_runs = assert_one_clean_run_per_cell(client, name, cells=12, epochs=3)
+    cell_runs = assert_one_clean_run_per_cell(client, name, cells=6, epochs=3)
     assert before <= {r.info.run_id for r in cell_runs}  # nothing recorded before was lost
 
 

@@ -4,11 +4,13 @@ run, and the report stored with the parent run (on a real `mlflow server` too)."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +325,20 @@ def test_reproduce_rebuilds_a_cell_from_its_record_and_matches_exactly(two_setti
     wrong = ablate("reproduce", "0123456789abcdef", cwd=workdir)
     assert wrong.returncode == 2 and "no such run" in wrong.stderr
     assert len(runs(client, "reproduction")) == 1
+
+
+def test_only_a_missing_run_is_told_as_no_such_run(tmp_path):
+    """A store that cannot be read says so as itself, never as "no such run": the run may well
+    be there (and a shared grid's parent run must not be taken for gone)."""
+    from resnet_ablate import tracking
+
+    store = tracking.open_store(None, tmp_path / "results")
+    for missing in ("0123456789abcdef0123456789abcdef", "../etc"):
+        with pytest.raises(tracking.TrackingError, match=f"run {re.escape(missing)}: no such run"):
+            tracking.get_run(store, missing)
+        assert not tracking.run_active(store, missing)
+    with contextlib.closing(sqlite3.connect(tmp_path / "results" / "mlflow.db")) as db:
+        db.execute("DROP TABLE runs")  # a broken store: its runs cannot be read
+    with pytest.raises(Exception, match="no such table") as caught:
+        tracking.run_active(store, "0123456789abcdef0123456789abcdef")
+    assert not isinstance(caught.value, tracking.TrackingError)

@@ -127,6 +127,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_report_writes_html_csvs_and_embedded_figures(reports):
     _, html_path = reports["cifar"]
     out = html_path.parent
@@ -142,6 +143,7 @@ def test_report_writes_html_csvs_and_embedded_figures(reports):
     assert "@media print" in html
 
 
+@pytest.mark.slow
 def test_the_first_figure_is_fig6_error_against_iterations(reports):
     grid, html_path = reports["cifar"]
     html = html_path.read_text(encoding="utf-8")
@@ -168,6 +170,7 @@ def test_the_first_figure_is_fig6_error_against_iterations(reports):
     assert diverged["iteration"].max() == 3 * 390 and set(diverged["status"]) == {"diverged"}
 
 
+@pytest.mark.slow
 def test_summary_csv_has_every_cell_with_status_and_reason(reports):
     grid, html_path = reports["cifar"]
     rows = read_csv(html_path.parent / "summary.csv")
@@ -188,6 +191,7 @@ def test_summary_csv_has_every_cell_with_status_and_reason(reports):
     assert not any("32" in r["label"] for r in rows)  # the removed cell is not in the grid
 
 
+@pytest.mark.slow
 def test_summary_by_config_is_mean_and_sd_over_finished_seeds(reports):
     _, html_path = reports["cifar"]
     rows = {r["config"]: r for r in read_csv(html_path.parent / "summary_by_config.csv")}
@@ -205,6 +209,7 @@ def test_summary_by_config_is_mean_and_sd_over_finished_seeds(reports):
     assert rows["plain-20 basic post"]["paper_he2015_test_err"] == ""
 
 
+@pytest.mark.slow
 def test_html_verdict_table_links_and_other_runs(reports):
     grid, html_path = reports["cifar"]
     html = html_path.read_text(encoding="utf-8")
@@ -234,6 +239,7 @@ def test_html_verdict_table_links_and_other_runs(reports):
     assert "&#34;epochs&#34;: 8" in provenance or "&quot;epochs&quot;: 8" in provenance
 
 
+@pytest.mark.slow
 def test_gradient_ratio_in_text_is_computed_from_the_runs(reports):
     html = reports["cifar"][1].read_text(encoding="utf-8")
     # synthetic_grad_flow: plain-56 spans 6*56/110 decades at initialisation, res-56 2*56/110.
@@ -242,6 +248,7 @@ def test_gradient_ratio_in_text_is_computed_from_the_runs(reports):
     assert "grows toward the input" in html
 
 
+@pytest.mark.slow
 def test_user_text_is_escaped(reports):
     grid, html_path = reports["synth"]
     html = html_path.read_text(encoding="utf-8")
@@ -251,6 +258,7 @@ def test_user_text_is_escaped(reports):
     assert "&lt;i&gt;key&lt;/i&gt;: v" in html and "<i>key" not in html  # tag keys too
 
 
+@pytest.mark.slow
 def test_papers_only_for_cifar10_grids(reports):
     cifar = reports["cifar"][1].read_text(encoding="utf-8")
     assert 'id="papers"' in cifar
@@ -263,6 +271,7 @@ def test_papers_only_for_cifar10_grids(reports):
     assert not any(k.startswith("paper_") for k in header)
 
 
+@pytest.mark.slow
 def test_grid_varying_order_gets_comparison_and_figure(reports):
     _, html_path = reports["synth"]
     html = html_path.read_text(encoding="utf-8")
@@ -272,6 +281,7 @@ def test_grid_varying_order_gets_comparison_and_figure(reports):
     assert "Degradation undecided: one seed for each side" in html
 
 
+@pytest.mark.slow
 def test_grid_without_runs_lists_every_cell_as_new(reports):
     grid, html_path = reports["empty"]
     rows = read_csv(html_path.parent / "summary.csv")
@@ -281,6 +291,7 @@ def test_grid_without_runs_lists_every_cell_as_new(reports):
     assert not any((html_path.parent / "figures").iterdir())
 
 
+@pytest.mark.slow
 def test_report_only_reads_the_store(reports):
     # Building the empty grid's report created no experiment for it.
     assert reports["store"].client.get_experiment_by_name("e2e-empty") is None
@@ -299,6 +310,7 @@ class NoBulkClient:
         return self._client.download_artifacts(run_id, path, dst_path)
 
 
+@pytest.mark.slow
 def test_bulk_and_per_run_reads_agree(reports):
     store = reports["store"]
     grid = reports["cifar"][0]
@@ -324,6 +336,7 @@ BROKEN_PAGE = """<!DOCTYPE html><html><body>
 <script>console.error("boom"); notDefined();</script></body></html>"""
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium(reports, tmp_path):
     binary = find_chromium()
     if binary is None:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,7 @@ def test_two_workers_and_two_runs_at_once_train_each_cell_once(tmp_path):
         assert steps(client_for(tmp_path), run.info.run_id) == [1, 2]
 
 
+@pytest.mark.slow
 def test_missing_dataset_stops_before_anything_is_recorded(tmp_path, write_grid):
     grid = write_grid(SMOKE.read_text().replace("name: synthetic", "name: cifar10"))
     done = ablate("run", str(grid), cwd=tmp_path, env={"ABLATE_DATA": str(tmp_path / "none")})
@@ -261,6 +263,7 @@ def test_missing_dataset_stops_before_anything_is_recorded(tmp_path, write_grid)
     assert not (tmp_path / "results").exists()  # not even an empty store
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_is_one_clear_message(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,6 +274,7 @@ def test_unreachable_tracking_server_is_one_clear_message(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_results_is_one_clear_message(tmp_path):
     if os.geteuid() == 0:
         results = tmp_path / "file-not-folder"
@@ -284,6 +288,7 @@ def test_unwritable_results_is_one_clear_message(tmp_path):
     assert str(target) in done.stderr.replace("\n", "") and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_results_that_is_a_file_is_one_clear_message(tmp_path):
     (tmp_path / "results").write_text("keep me")
     done = ablate("run", str(SMOKE), cwd=tmp_path)
@@ -368,6 +373,7 @@ def emit_and_maybe_crash(ctx: WorkerContext, emit) -> None:
         raise RuntimeError("lost the queue")
 
 
+@pytest.mark.slow
 def test_the_pool_relays_every_worker_s_events_and_crashes(tmp_path):
     session = smoke_session(tmp_path)
     shown: list = []
@@ -381,6 +387,7 @@ def test_the_pool_relays_every_worker_s_events_and_crashes(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_tracked_training_stops_early_and_records_what_ran(tmp_path, monkeypatch):
     session = smoke_session(tmp_path)
     events: list = []
@@ -417,6 +424,7 @@ def test_a_tracked_training_stops_early_and_records_what_ran(tmp_path, monkeypat
     assert run.data.tags["ablate.step"] == "eager" and run.data.tags["ablate.status"] == "finished"
 
 
+@pytest.mark.slow
 def test_writes_are_chunked_to_mlflow_s_limits(tmp_path):
     store = tracking.open_store(None, tmp_path)
     experiment_id = store.experiment_id("chunks")
@@ -451,7 +459,8 @@ def test_a_cpu_worker_s_threads_follow_the_workers_asked_for_not_those_started(
     session = smoke_session(tmp_path, workers=4, exec=ExecOptions(device="cpu"))
     assert [c.exec.threads for c in contexts(session, 4)] == [2, 2, 2, 2]
     assert [c.exec.threads for c in contexts(session, 1)] == [2]
-    alone = smoke_session(tmp_path / "alone", exec=ExecOptions(device="cpu"))
+    alone = replace(session, options=replace(session.options, workers=1))
     assert [c.exec.threads for c in contexts(alone, 1)] == [None]  # torch's own choice
-    chosen = smoke_session(tmp_path / "set", workers=4, exec=ExecOptions(device="cpu", threads=3))
+    threads = ExecOptions(device="cpu", threads=3)
+    chosen = replace(session, options=replace(session.options, exec=threads))
     assert [c.exec.threads for c in contexts(chosen, 1)] == [3]

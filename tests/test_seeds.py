@@ -223,6 +223,7 @@ def test_min_equal_to_max_is_one_look():
 # The CLI.
 
 
+@pytest.mark.slow
 def test_dry_run_states_the_fewest_and_most_cells(tmp_path):
     done = ablate("run", str(SMOKE), "--seeds", "2:4", "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

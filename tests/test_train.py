@@ -101,6 +101,7 @@ def test_precision_follows_the_request():
     assert not bf16.cuda_graph  # graphs are a CUDA feature
 
 
+@pytest.mark.slow
 def test_training_learns_and_records_every_epoch(synthetic, tmp_path):
     seen = []
     result = train_cell(
@@ -141,6 +142,7 @@ def test_training_learns_and_records_every_epoch(synthetic, tmp_path):
 TIMINGS = ("epoch_seconds", "images_per_second", "wall_seconds", "mean_images_per_second")
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(synthetic, tmp_path):
     config = tiny(epochs=3, milestones=(0.5,))
     whole_checkpoint = tmp_path / "whole.pt"
@@ -515,6 +517,7 @@ def test_point_marks_spread_evenly_and_end_at_the_epoch_end():
     assert point_marks(100, 0) == [] and point_marks(0, 5) == []
 
 
+@pytest.mark.slow
 def test_points_within_epochs_add_up_to_the_epoch_and_change_nothing(synthetic):
     seen: list[tuple[int, dict[str, float]]] = []
     config = tiny(epochs=2, log_points=4)

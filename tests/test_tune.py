@@ -91,6 +91,7 @@ def tuned(tmp_path_factory):
     return workdir, done
 
 
+@pytest.mark.slow
 def test_every_study_gets_exactly_its_budget(tuned):
     workdir, done = tuned
     found = studies(workdir)
@@ -109,6 +110,7 @@ def test_every_study_gets_exactly_its_budget(tuned):
     assert "2 of 2 studies have their 3 trials" in done.stdout
 
 
+@pytest.mark.slow
 def test_tuning_and_trial_runs_nest_under_the_grid_run(tuned):
     workdir, _ = tuned
     client = client_for(workdir)
@@ -151,6 +153,7 @@ def test_tuning_and_trial_runs_nest_under_the_grid_run(tuned):
                 assert "pruned after epoch 1" in run.data.tags["ablate.reason"]
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_budget_met_trains_nothing(tuned):
     workdir, _ = tuned
     before = {label: len(trials) for label, (_, trials) in studies(workdir).items()}
@@ -160,6 +163,7 @@ def test_a_rerun_with_the_budget_met_trains_nothing(tuned):
     assert {label: len(trials) for label, (_, trials) in studies(workdir).items()} == before
 
 
+@pytest.mark.slow
 def test_run_tuned_trains_with_each_study_s_best_values_and_reports_them(tuned):
     workdir, _ = tuned
     short = ["--set", "train.epochs=1"]  # the cells change, the trials (2 epochs) do not
@@ -206,6 +210,7 @@ def test_run_tuned_trains_with_each_study_s_best_values_and_reports_them(tuned):
 # Interrupted, failed, pruned, diverged: the budget stays exact.
 
 
+@pytest.mark.slow
 def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
     args = ["-m", "resnet_ablate", "tune", str(SMOKE_TUNE), *PLAIN_ONLY, "--device", "cpu"]
     proc = subprocess.Popen(
@@ -251,6 +256,7 @@ def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
     assert parent.data.tags["ablate.status"] == "finished"
 
 
+@pytest.mark.slow
 def test_two_workers_never_exceed_the_budget(tmp_path):
     done = ablate("tune", str(SMOKE_TUNE), "--workers", "2", "--device", "cpu", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -301,6 +307,7 @@ class ChosenTrainer:
         return CellResult("finished", history, {})
 
 
+@pytest.mark.slow
 def test_failed_interrupted_pruned_and_diverged_trials(tmp_path, write_grid, monkeypatch):
     from resnet_ablate.device import ExecOptions
     from resnet_ablate.engine import RunOptions
@@ -404,6 +411,7 @@ def test_budget_counts_finished_and_live_trials_only(tmp_path):
 # Bad input.
 
 
+@pytest.mark.slow
 def test_run_tuned_before_tuning_is_one_clear_message(tmp_path):
     done = ablate("run", str(SMOKE_TUNE), "--tuned", cwd=tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
