@@ -172,7 +172,7 @@ def summary(grid: Grid, rounds: Rounds | None) -> str:
     planned = len(rounds.planned)
     if rounds.settled:
         at_max = sum(n >= seeds.max for n in rounds.seeds.values())
-        tail = f"; {at_max} configuration(s) reached the maximum" if at_max else ""
+        tail = f"; {at_max} configuration(s) took all {seeds.max} seeds" if at_max else ""
         return f"{head}; settled after round {r} with {planned} cells{tail}."
     return (
         f"{head}; round {r}: {planned} cells planned, {len(rounds.pending)} without a result "

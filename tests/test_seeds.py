@@ -285,7 +285,7 @@ def test_a_sequential_grid_runs_its_rounds_and_resumes_after_an_interruption(tmp
     again = ablate("run", str(path), *args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 cell(s) trained, 4 already done, 6 in the grid" in again.stdout
-    assert "settled after round 2 with 6 cells; 2 configuration(s) reached the maximum" in (
+    assert "settled after round 2 with 6 cells; 2 configuration(s) took all 3 seeds" in (
         again.stdout
     )
     after = cell_runs(tmp_path)

@@ -176,6 +176,9 @@ def _rounds_note(verdicts: Verdicts, rounds: Rounds | None) -> tuple[str, ...]:
     at_max = verdicts.max_undecided()
     if at_max:
         text += f" Undecided at the maximum of {rounds.schedule.max} seeds: {'; '.join(at_max)}."
+    elif rounds.settled and any(n >= rounds.schedule.max for n in rounds.seeds.values()):
+        most = rounds.schedule.max
+        text += f" Every comparison was decided, the last with the maximum of {most} seeds."
     elif rounds.settled:
         text += " Every comparison was decided before the maximum."
     return (text,)
