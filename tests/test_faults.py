@@ -228,12 +228,9 @@ sys.stdin.read()  # until the test closes our stdin
 """
 
 
-@pytest.mark.slow
-def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tmp_path):
-    make_store = "from pathlib import Path; from resnet_ablate import tracking; "
-    make_store += "tracking.open_store(None, Path('results'))"
-    subprocess.run([sys.executable, "-c", make_store], cwd=tmp_path, check=True)
-    db = tmp_path / "results" / "mlflow.db"  # the store exists, empty
+@contextlib.contextmanager
+def store_locked(db: Path):
+    """Another process holds the SQLite store `db` locked while the block runs."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(db)],
         stdin=subprocess.PIPE,
@@ -242,11 +239,21 @@ def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tm
     )
     try:
         assert holder.stdout.readline() == "locked\n"
-        grid = ["run", str(SMOKE), "--set", "train.epochs=1", "--no-report"]
-        locked = ablate(*grid, cwd=tmp_path, timeout=300)
+        yield
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tmp_path):
+    make_store = "from pathlib import Path; from resnet_ablate import tracking; "
+    make_store += "tracking.open_store(None, Path('results'))"
+    subprocess.run([sys.executable, "-c", make_store], cwd=tmp_path, check=True)
+    db = tmp_path / "results" / "mlflow.db"  # the store exists, empty
+    grid = ["run", str(SMOKE), "--set", "train.epochs=1", "--no-report"]
+    with store_locked(db):
+        locked = ablate(*grid, cwd=tmp_path, timeout=300)
     assert locked.returncode == 2, locked.stdout + locked.stderr
     err = " ".join(locked.stderr.split())
     assert f"tracking store sqlite:///{db} is locked by another process" in err
@@ -270,18 +277,8 @@ def test_a_store_locked_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_pa
     checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
     wait_for(lambda: any(checkpoints.glob("*.pt")) or run.poll() is not None)
     db = tmp_path / "results" / "mlflow.db"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(db)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with store_locked(db):
         out, err = run.communicate(timeout=300)  # the next epoch's write waits, then gives up
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
     assert run.returncode == 2, out + err
     said = " ".join(err.split())
     assert said == (
