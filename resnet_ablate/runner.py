@@ -184,6 +184,7 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     pending = _plan(grid, rows, outcome)
     outcome.done = outcome.total - len(pending)
     if not pending:
+        _close_left_open(grid, options, store)
         return outcome
     check_data(pending)  # ... and before any run is recorded (loaded once, then cached)
     storage = storage_for(options.queue, options.results, grid.name)
@@ -250,6 +251,19 @@ def _next_round(
         if not left & queue.running_elsewhere():
             return []
         time.sleep(ROUND_POLL_SECONDS)
+
+
+def _close_left_open(grid: Grid, options: RunOptions, store: tracking.Store) -> None:
+    """Every cell has a result: a parent run still RUNNING was left so by an invocation killed
+    after its last cell, before it ended the run; it ends now (FINISHED, with its counts)."""
+    experiment = tracking.find_experiment(store, grid.name)
+    if experiment is None:
+        return
+    parent = tracking.grid_run(store, experiment.experiment_id, grid)
+    if parent is None or parent.info.status != "RUNNING":
+        return
+    session = Session(grid, options, store.uri, experiment.experiment_id, parent.info.run_id)
+    close_grid(session, store, GridOutcome())
 
 
 def close_grid(session: Session, store: tracking.Store, outcome: GridOutcome | None) -> None:

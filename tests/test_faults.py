@@ -474,3 +474,24 @@ def test_the_campaign_flags_every_kind_of_violation():
     assert judge({"k": [cell()]}, running=["p"]) == ["runs left RUNNING: ['p']"]
     assert judge({"k": [cell(status="KILLED")]}) == ["k: ended KILLED / killed"]
     assert judge({}) == ["cells [] != reference ['k']"]
+
+
+@pytest.mark.slow
+def test_a_grid_killed_after_its_last_cell_has_its_parent_run_ended_by_the_rerun(tmp_path):
+    """A kill between the last cell's end and the parent run's end leaves the parent RUNNING
+    with every cell done (the fault campaign found it): the rerun trains nothing and ends it."""
+    grid = ["run", str(SMOKE), "--set", "train.epochs=1", "--no-report"]
+    first = ablate(*grid, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    client = client_for(tmp_path)
+    experiment = client.get_experiment_by_name("smoke")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`ablate.role` = 'grid'"
+    )
+    client.update_run(parent.info.run_id, status="RUNNING")  # as the kill leaves it
+    again = ablate(*grid, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 cell(s) trained, 2 already done" in again.stdout
+    ended = client.get_run(parent.info.run_id)
+    assert ended.info.status == "FINISHED"
+    assert ended.data.metrics["cells_done"] == ended.data.metrics["cells_total"] == 2
