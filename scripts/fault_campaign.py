@@ -152,8 +152,12 @@ def where_it_landed(workdir: Path) -> str:
         return "mid-checkpoint-write"
     if (results / "mlflow.db-journal").exists() or (results / "mlflow.db-wal").exists():
         return "mid-MLflow-write"
-    running = [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
-    if not running:
+    running = [
+        r
+        for r in all_runs(workdir)
+        if r.info.status == "RUNNING" and r.data.tags.get("ablate.role") == "cell"
+    ]
+    if not running:  # the grid's parent run alone may be open: between cells or at the end
         return "start-up, between cells or at the end"
     client = client_for(workdir)
     for run in running:
