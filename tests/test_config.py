@@ -20,6 +20,8 @@ from resnet_ablate.config import (
     load_grid,
     units_per_stage,
 )
+from resnet_ablate.plan import PlanRow
+from resnet_ablate.rounds import grid_rounds
 
 from .conftest import EXPERIMENTS, ROOT
 
@@ -202,12 +204,34 @@ def test_every_experiment_file_validates(path):
     "summary", sorted(RESULTS.glob("*/summary.csv")), ids=lambda p: p.parent.name
 )
 def test_committed_results_match_their_grid_file(summary):
-    """A committed summary covers exactly the cells its grid file defines now, all finished."""
+    """A committed summary covers exactly the cells its grid file defines now, all finished; for
+    seeds until decided, exactly the cells its rounds planned, replayed from the summary."""
     grid = load_grid(EXPERIMENTS / f"{summary.parent.name}.yaml")
     with open(summary, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(row["key"] for row in rows) == sorted(cell.key for cell in grid.cells)
     assert {row["status"] for row in rows} == {"finished"}
+    keys = sorted(row["key"] for row in rows)
+    rounds = grid_rounds(grid, _plan_rows(grid, rows))
+    if rounds is None:
+        assert keys == sorted(cell.key for cell in grid.cells)
+    else:
+        assert rounds.settled
+        assert keys == sorted(rounds.planned)
+        assert len(rounds.rounds) > 1  # the committed sequential grid did add seeds
+
+
+def _plan_rows(grid, rows: list[dict[str, str]]) -> list[PlanRow]:
+    """The grid's cells with their state as a committed summary records it (`new` when absent)."""
+    by_key = {row["key"]: row for row in rows}
+    out = []
+    for cell in grid.cells:
+        row = by_key.get(cell.key)
+        if row is None:
+            out.append(PlanRow(cell, "new", None))
+            continue
+        metrics = {k: float(row[k]) for k in ("final_train_err", "final_test_err")}
+        out.append(PlanRow(cell, row["status"], row["run_id"], metrics))
+    return out
 
 
 # --- normalisation, and keys that outlive new fields ---------------------------------------
