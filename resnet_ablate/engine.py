@@ -336,18 +336,20 @@ class _EpochLog:
 def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
     """Train `job` into its MLflow run and return how it ended.
 
-    A crash is recorded as failed and returned; Ctrl-C is recorded as killed and re-raised.
+    A crash is recorded as failed and returned; Ctrl-C or SIGTERM is recorded as killed and
+    re-raised, wherever it lands once the run is open, up to the moment its end is recorded.
     """
     store = worker.store
     run_id = _open_run(job, worker)
-    if job.checkpoint is not None:  # whoever finds this checkpoint knows which run it continues
-        checkpoint_run(job.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        checkpoint_run(job.checkpoint).write_text(run_id)
-    if hooks.started is not None:
-        hooks.started(run_id)
-    epochs = _EpochLog(job, worker, run_id, hooks.epoch)
-    worker.emit(Started(worker.number, job.key, job.label, job.config.train.epochs))
+    record = _Record()
     try:
+        if job.checkpoint is not None:  # whoever finds this checkpoint knows which run it is
+            checkpoint_run(job.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            checkpoint_run(job.checkpoint).write_text(run_id)
+        if hooks.started is not None:
+            hooks.started(run_id)
+        epochs = _EpochLog(job, worker, run_id, hooks.epoch)
+        worker.emit(Started(worker.number, job.key, job.label, job.config.train.epochs))
         dataset = dataset_for(job.config.data)
         if job.blind:
             dataset = blind(dataset)
@@ -364,6 +366,7 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
             on_epoch=epochs,
             on_progress=epochs.point,
         )
+        ending = _record_end(job, worker, run_id, result, epochs.seconds, hooks, record)
     except Stop as stop:
         tracking.end_run(store, run_id, stop.status, stop.reason)
         remove_checkpoint(job.checkpoint)
@@ -371,20 +374,30 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
         worker.emit(Skipped(worker.number, job.key, left))
         return _ended(job, worker, Ending(stop.status, stop.reason))
     except KeyboardInterrupt as err:
-        reason = job.interrupted.format(signal=signal_name(signum_of(err)))
-        tracking.end_run(store, run_id, "killed", reason)
-        _ended(job, worker, Ending("killed", reason))
+        if not record.ended:  # else the end is recorded: the run stays as it ended
+            reason = job.interrupted.format(signal=signal_name(signum_of(err)))
+            tracking.end_run(store, run_id, "killed", reason)
+            _ended(job, worker, Ending("killed", reason))
         raise
     except Exception as err:
         # A store that takes no write can record nothing: the run stays open and the checkpoint
         # kept, as after a kill, and the rerun resumes them.
         if (unavailable := tracking.store_unavailable(store.uri, err, RESUMES)) is not None:
             raise unavailable from None
+        if record.ended:
+            raise
         reason = f"{type(err).__name__}: {err}"
         tracking.log_text(store, run_id, "traceback.txt", traceback.format_exc())
         tracking.end_run(store, run_id, "failed", reason)
         return _ended(job, worker, Ending("failed", reason))
-    return _ended(job, worker, _record_end(job, worker, run_id, result, epochs.seconds, hooks))
+    return _ended(job, worker, ending)
+
+
+@dataclass
+class _Record:
+    """Whether a run's end is recorded: after that, an interruption or error leaves it alone."""
+
+    ended: bool = False
 
 
 def _open_run(job: Job, worker: Worker) -> str:
@@ -418,8 +431,10 @@ def _record_end(
     result: train.CellResult,
     tracking_seconds: float,
     hooks: Hooks,
+    record: _Record,
 ) -> Ending:
-    """Final metrics, artifacts and tags of a training that reached its end; the run ends."""
+    """Final metrics, artifacts and tags of a training that reached its end; the run ends
+    (`record.ended` says so from then on)."""
     store = worker.store
     ending = hooks.finish(result) if hooks.finish else Ending(result.status, result.reason)
     final = _visible(result.final, job.blind) | dict(ending.metrics)
@@ -433,6 +448,7 @@ def _record_end(
     if result.resumed_from:
         tags[tracking.TAG_RESUMED] = str(result.resumed_from)
     tracking.end_run(store, run_id, ending.status, ending.reason, tags)
+    record.ended = True
     remove_checkpoint(job.checkpoint)
     return replace(ending, metrics=final)
 

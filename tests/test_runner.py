@@ -37,9 +37,10 @@ from resnet_ablate.engine import (
 from resnet_ablate.events import Crashed, Ended, Epoch, Skipped, Started
 from resnet_ablate.progress import GridProgress
 from resnet_ablate.runner import cell_job
+from resnet_ablate.signals import Interrupted
 from resnet_ablate.train import CellResult, point_marks
 
-from .conftest import EXPERIMENTS, ablate, wait_for
+from .conftest import EXPERIMENTS, MANY_SHORT_EPOCHS, SHORT_EPOCHS, ablate, wait_for
 from .mlflow_server import free_port
 from .mlflow_server import mlflow_server as real_mlflow_server
 from .records import cell_runs, client_for, steps
@@ -158,9 +159,14 @@ def _get(url: str) -> str | None:
         return None
 
 
+#: The smoke grid's plain cell, as many short epochs.
+LONG_CELL = [*MANY_SHORT_EPOCHS, "--set", "model.shortcut=none"]
+LONG_EPOCHS = SHORT_EPOCHS
+
+
 def _slow_smoke(tmp_path: Path) -> list[str]:
-    """The smoke grid with longer epochs, so that a kill lands mid-run."""
-    return ["--set", "train.epochs=4", "--set", "model.shortcut=none", "--no-report"]
+    """The smoke grid's plain cell as many short epochs, without the report."""
+    return [*LONG_CELL, "--no-report"]
 
 
 @pytest.mark.slow
@@ -177,7 +183,7 @@ def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
         proc.wait()
     (checkpoint,) = checkpoints.glob("*.pt")
     saved_epoch = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= saved_epoch < 4
+    assert 1 <= saved_epoch < LONG_EPOCHS
     client = client_for(tmp_path)
     (killed,) = cell_runs(client)
     assert killed.data.tags["ablate.status"] == "running"  # as a SIGKILL leaves it
@@ -192,11 +198,12 @@ def test_sigkill_mid_run_resumes_from_the_checkpoint(tmp_path):
     assert resumed.info.run_id == killed.info.run_id  # the same run continues
     assert resumed.data.tags["ablate.status"] == "finished"
     assert resumed.data.tags["ablate.resumed_from_epoch"] == str(saved_epoch)
-    assert steps(client, resumed.info.run_id) == [1, 2, 3, 4]  # no gap, no repeat
+    epochs = list(range(1, LONG_EPOCHS + 1))
+    assert steps(client, resumed.info.run_id) == epochs  # no gap, no repeat
     # The points within epochs too: every iteration-step once, whatever epoch the kill cut.
-    per_epoch = len(load_dataset(DataSpec(name="synthetic")).train.y) // 64
+    per_epoch = len(load_dataset(DataSpec(name="synthetic", train_subset=256)).train.y) // 64
     marks = point_marks(per_epoch, TrainSpec().log_points)
-    expected = [(e - 1) * per_epoch + m for e in range(1, 5) for m in marks]
+    expected = [(e - 1) * per_epoch + m for e in epochs for m in marks]
     assert steps(client, resumed.info.run_id, "iter_train_err") == expected
 
 
@@ -219,9 +226,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path):
     (run,) = cell_runs(client_for(tmp_path))
     assert run.data.tags["ablate.status"] == "killed" and run.info.status == "KILLED"
     assert any(checkpoints.glob("*.pt"))
-    listing = ablate(
-        "ls", str(SMOKE), "--set", "train.epochs=4", "--set", "model.shortcut=none", cwd=tmp_path
-    )
+    listing = ablate("ls", str(SMOKE), *LONG_CELL, cwd=tmp_path)
     assert "killed" in listing.stdout
 
 
@@ -422,6 +427,49 @@ def test_a_tracked_training_stops_early_and_records_what_ran(tmp_path, monkeypat
     assert ending.status == "finished" and ending.metrics["final_test_err"] == 40.0
     run = tracking.cell_runs(worker.store, session.experiment_id)[other.key]
     assert run.data.tags["ablate.step"] == "eager" and run.data.tags["ablate.status"] == "finished"
+
+
+@pytest.mark.slow
+def test_an_interruption_while_the_end_is_recorded_is_killed_and_resumes(tmp_path):
+    """Ctrl-C or SIGTERM while a finished training's end is being written: the run is marked
+    killed, its checkpoint of the last epoch kept, and the rerun records the end, with every
+    epoch once. Once the end is recorded, an interruption leaves the run as it ended."""
+    grid = load_grid(SMOKE, ["train.epochs=2", "data.train_subset=256", "model.shortcut=none"])
+    store = tracking.open_store(None, tmp_path / "results")
+    session = open_session(grid, RunOptions(results=tmp_path / "results"), store)
+    events: list = []
+    worker = WorkerContext(session, 0, ExecOptions(device="cpu")).open(events.append)
+    (cell,) = grid.cells
+    job = cell_job(session, cell, None)
+
+    def interrupted(result) -> None:  # the first thing the final record does
+        raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        train_tracked(job, worker, Hooks(finish=interrupted))
+    client = MlflowClient(session.uri)
+    (killed,) = cell_runs(client)
+    assert (killed.info.status, killed.data.tags["ablate.status"]) == ("KILLED", "killed")
+    assert killed.data.tags["ablate.reason"] == "interrupted (SIGTERM); rerun to resume"
+    assert isinstance(events[-1], Ended) and events[-1].status == "killed"
+    assert torch.load(job.checkpoint, weights_only=True)["epoch"] == 2
+
+    ending = train_tracked(cell_job(session, cell, killed), worker)
+    (resumed,) = cell_runs(client)
+    assert ending.status == "finished" and resumed.info.run_id == killed.info.run_id
+    assert resumed.data.tags["ablate.resumed_from_epoch"] == "2"
+    assert resumed.info.status == "FINISHED" and steps(client, resumed.info.run_id) == [1, 2]
+    assert "final_test_err" in resumed.data.metrics and not job.checkpoint.exists()
+
+    other = replace(cell_job(session, cell, None), key="another", label="another")
+    with pytest.MonkeyPatch.context() as patch:  # lands just after the end is recorded
+        patch.setattr("resnet_ablate.engine.remove_checkpoint", interrupted)
+        with pytest.raises(Interrupted):
+            train_tracked(other, worker)
+    ended = [r for r in cell_runs(client) if r.info.run_id != resumed.info.run_id]
+    assert [(r.info.status, r.data.tags["ablate.status"]) for r in ended] == [
+        ("FINISHED", "finished")
+    ]
 
 
 @pytest.mark.slow
