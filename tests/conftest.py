@@ -13,8 +13,21 @@ from pathlib import Path
 
 import pytest
 
+# Two test processes share the cores (`make test` runs pytest with xdist), and every training
+# they start sizes its torch threads to all of them: threads that wait for work must sleep,
+# not spin (GNU OpenMP's default), or the trainings slow each other many times over. Set here,
+# before anything imports torch; the `ablate` processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
+
+#: `--set`s that make a grid's cells many short epochs (four steps of 64 images, a checkpoint
+#: after each): a signal sent once a cell's first checkpoint is there lands mid-run however fast
+#: the machine, and the run still ends in seconds.
+SHORT_EPOCHS = 40
+MANY_SHORT_EPOCHS = ["--set", f"train.epochs={SHORT_EPOCHS}", "--set", "data.train_subset=256"]
+MANY_SHORT_EPOCHS += ["--set", "data.test_subset=100"]
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from resnet_ablate.errors import UserError
 from resnet_ablate.train import load_checkpoint, train_cell
 
 from . import queue_claimer
-from .conftest import EXPERIMENTS, ablate, wait_for
+from .conftest import EXPERIMENTS, MANY_SHORT_EPOCHS, SHORT_EPOCHS, ablate, wait_for
 from .records import cell_runs, client_for, steps
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
@@ -55,7 +55,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 # SIGTERM: what SLURM and Kubernetes send before they kill a job.
 
 #: Long enough that a signal sent after the first checkpoint lands well before the end.
-LONG = ["--set", "train.epochs=6", "--no-report"]
+LONG = [*MANY_SHORT_EPOCHS, "--no-report"]
 
 
 @pytest.mark.slow
@@ -74,10 +74,11 @@ def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path)
     killed = {r.info.run_id: r for r in cell_runs(client)}
     assert len(killed) == 2
     for run in killed.values():
-        assert run.info.status == "KILLED" and run.data.tags["ablate.status"] == "killed"
-        assert run.data.tags["ablate.reason"] == "interrupted (SIGTERM); rerun to resume"
+        tags = run.data.tags
+        ended = (run.info.status, tags.get("ablate.status"), tags.get("ablate.reason"))
+        assert ended == ("KILLED", "killed", "interrupted (SIGTERM); rerun to resume"), err
     saved = {p.stem: torch.load(p, weights_only=True)["epoch"] for p in checkpoints.glob("*.pt")}
-    assert len(saved) == 2 and all(1 <= epoch < 6 for epoch in saved.values())
+    assert len(saved) == 2 and all(1 <= epoch < SHORT_EPOCHS for epoch in saved.values())
 
     again = ablate(*grid, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -87,7 +88,7 @@ def test_sigterm_marks_the_runs_killed_exits_143_and_the_rerun_resumes(tmp_path)
         key = run.data.tags["ablate.cell_key"]
         assert run.data.tags["ablate.status"] == "finished" and run.info.status == "FINISHED"
         assert run.data.tags["ablate.resumed_from_epoch"] == str(saved[key])
-        assert steps(client, run.info.run_id) == list(range(1, 7))  # no gap, no repeat
+        assert steps(client, run.info.run_id) == list(range(1, SHORT_EPOCHS + 1))  # no gap
     assert not list(checkpoints.glob("*"))
 
 
@@ -271,8 +272,7 @@ def test_a_store_locked_too_long_is_one_clear_message_and_the_rerun_completes(tm
 
 @pytest.mark.slow
 def test_a_store_locked_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_path):
-    grid = ["run", str(SMOKE), "--set", "train.epochs=6", "--set", "model.shortcut=none"]
-    grid += ["--no-report"]
+    grid = ["run", str(SMOKE), *MANY_SHORT_EPOCHS, "--set", "model.shortcut=none", "--no-report"]
     run = start(grid, tmp_path)
     checkpoints = tmp_path / "results" / "checkpoints" / "smoke"
     wait_for(lambda: any(checkpoints.glob("*.pt")) or run.poll() is not None)
@@ -294,7 +294,7 @@ def test_a_store_locked_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_pa
     (resumed,) = cell_runs(client)
     assert resumed.data.tags["ablate.status"] == "finished"
     assert int(resumed.data.tags["ablate.resumed_from_epoch"]) >= 1
-    assert steps(client, resumed.info.run_id) == [1, 2, 3, 4, 5, 6]
+    assert steps(client, resumed.info.run_id) == list(range(1, SHORT_EPOCHS + 1))
 
 
 def test_a_full_sqlite_store_is_one_line_naming_it(tmp_path):

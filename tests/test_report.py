@@ -259,6 +259,23 @@ def test_user_text_is_escaped(reports):
 
 
 @pytest.mark.slow
+def test_user_text_in_the_tuning_section_is_escaped(tmp_path):
+    """The tuning section quotes the grid's path in its commands: shown as written, never markup."""
+    folder = tmp_path / "<b>grids</b> & [bold]x[/]"
+    folder.mkdir()
+    path = folder / "hostile-tune.yaml"
+    text = (EXPERIMENTS / "smoke-tune.yaml").read_text().replace("smoke-tune", "hostile-tune")
+    path.write_text(text)
+    grid = load_grid(path)
+    store = tracking.open_store(tracking.default_uri(tmp_path), tmp_path)
+    html = build_report(grid, store, tmp_path / "out").read_text(encoding="utf-8")
+    section = html.split('<section id="tuning">')[1].split("</section>")[0]
+    assert "<b>grids" not in section
+    assert f"run `ablate tune {html_escape(str(path))}`" in section
+    assert "&lt;b&gt;grids&lt;/b&gt; &amp; [bold]x[/]" in section
+
+
+@pytest.mark.slow
 def test_papers_only_for_cifar10_grids(reports):
     cifar = reports["cifar"][1].read_text(encoding="utf-8")
     assert 'id="papers"' in cifar
