@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 
 # `make faults`: the fault campaign (kill `ablate run` at random moments, check nothing is lost).
 N ?= 100
+# `make test` runs the test files on this many pytest processes (each file whole on one).
+TEST_WORKERS ?= 2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check resnet_ablate tests
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 faults: $(STAMP)
 	$(BIN)/python scripts/fault_campaign.py --kills $(N)
