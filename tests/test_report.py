@@ -261,7 +261,7 @@ def test_user_text_is_escaped(reports):
 @pytest.mark.slow
 def test_user_text_in_the_tuning_section_is_escaped(tmp_path):
     """The tuning section quotes the grid's path in its commands: shown as written, never markup."""
-    folder = tmp_path / "<b>grids</b> & [bold]x[/]"
+    folder = tmp_path / "<b>grids & [bold]x"  # a folder's name cannot hold a slash
     folder.mkdir()
     path = folder / "hostile-tune.yaml"
     text = (EXPERIMENTS / "smoke-tune.yaml").read_text().replace("smoke-tune", "hostile-tune")
@@ -272,7 +272,7 @@ def test_user_text_in_the_tuning_section_is_escaped(tmp_path):
     section = html.split('<section id="tuning">')[1].split("</section>")[0]
     assert "<b>grids" not in section
     assert f"run `ablate tune {html_escape(str(path))}`" in section
-    assert "&lt;b&gt;grids&lt;/b&gt; &amp; [bold]x[/]" in section
+    assert "&lt;b&gt;grids &amp; [bold]x" in section
 
 
 @pytest.mark.slow
