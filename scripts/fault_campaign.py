@@ -1,7 +1,7 @@
 """The fault campaign: kill `ablate run` at random moments until it finishes, and check that
 nothing was lost, repeated or changed.
 
-Each round runs a small real grid (synthetic data, a few cells, several epochs, `--workers 2`)
+Each round runs a small real grid (synthetic data, 4 cells, 8 short epochs, `--workers 2`)
 in a fresh folder. Every start of `ablate run` is killed (SIGKILL to its whole process group,
 as a node that dies or a scheduler that loses patience) at a moment drawn uniformly over the
 expected run time, the wall time of the same grid run once without interruption; a start
@@ -75,11 +75,17 @@ class Figures:
 
 
 def grid_args(epochs: int, workers: int) -> list[str]:
+    """The smoke grid's 4 cells (2 shortcuts, 2 seeds) as short epochs of 512 images: many
+    checkpoint and MLflow writes, each a moment where a kill may land."""
     return [
         "run",
         str(SMOKE),
         "--set",
         f"train.epochs={epochs}",
+        "--set",
+        "data.train_subset=512",
+        "--set",
+        "data.test_subset=200",
         "--set",
         "seeds=[0, 1]",
         "--workers",
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=100, help="stop after this many kills")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of each cell")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of each cell")
     parser.add_argument("--workers", type=int, default=2, help="ablate run --workers")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     options = parser.parse_args(argv)
