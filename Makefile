@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 
 # `make faults`: the fault campaign (kill `ablate run` at random moments, check nothing is lost).
 N ?= 100
-# `make test` runs the test files on this many pytest processes (each file whole on one).
+# `make test` runs the test files on this many pytest processes (each file whole on one, in the
+# order tests/conftest.py gives them: the longest first).
 TEST_WORKERS ?= 2
 
 $(BIN)/python:
@@ -31,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check resnet_ablate tests
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 faults: $(STAMP)
 	$(BIN)/python scripts/fault_campaign.py --kills $(N)

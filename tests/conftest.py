@@ -25,9 +25,33 @@ EXPERIMENTS = ROOT / "experiments"
 #: `--set`s that make a grid's cells many short epochs (four steps of 64 images, a checkpoint
 #: after each): a signal sent once a cell's first checkpoint is there lands mid-run however fast
 #: the machine, and the run still ends in seconds.
-SHORT_EPOCHS = 40
+SHORT_EPOCHS = 16
 MANY_SHORT_EPOCHS = ["--set", f"train.epochs={SHORT_EPOCHS}", "--set", "data.train_subset=256"]
 MANY_SHORT_EPOCHS += ["--set", "data.test_subset=100"]
+
+
+#: The test files that take longest (minutes: several processes, servers, real trainings),
+#: longest first. `make test` hands whole files to its pytest processes in collection order,
+#: so these go first and the short files fill in around them; the rest keep their order.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_runner.py",
+    "test_machines.py",
+    "test_mlflow_record.py",
+    "test_tune.py",
+    "test_gpu_check.py",
+    "test_seeds.py",
+    "test_cli.py",
+    "test_report.py",
+    "test_bench.py",
+    "test_hostile.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
 
 
 @pytest.fixture
