@@ -204,6 +204,8 @@ def open_store(uri: str | None, results: Path) -> Store:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with lock, _quiet_noload():  # a new SQLite store from two processes at once races
+            if uri.startswith("sqlite:///"):
+                _create_whole(Path(uri.removeprefix("sqlite:///")))
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as err:
@@ -213,6 +215,25 @@ def open_store(uri: str | None, results: Path) -> Store:
             f"tracking store {masked(uri)} cannot be opened: {_first_line(err)}"
         ) from None
     return Store(uri=uri, client=client, artifact_root=artifact_root)
+
+
+def _create_whole(db: Path) -> None:
+    """A new SQLite store comes into being whole (under the store's lock): MLflow makes its
+    tables, dozens of migrations, in a file beside it, which then takes its name. A kill in the
+    middle leaves that file, removed at the next open, never a half-made store that MLflow
+    could not open again ("table ... already exists")."""
+    for left in db.parent.glob(f".{db.name}.new-*"):  # from a creation that was killed
+        left.unlink(missing_ok=True)
+    if db.exists():
+        return
+    new = db.with_name(f".{db.name}.new-{os.getpid()}")
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{new}")
+        client.search_experiments(max_results=1)
+        client._tracking_client.store.engine.dispose()  # no connection left on the file
+        os.replace(new, db)
+    finally:
+        new.unlink(missing_ok=True)
 
 
 def store_unavailable(uri: str, err: BaseException, said: str) -> TrackingError | None:

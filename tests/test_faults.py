@@ -297,6 +297,50 @@ def test_a_store_locked_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_pa
     assert steps(client, resumed.info.run_id) == list(range(1, SHORT_EPOCHS + 1))
 
 
+CREATE_STORE = """
+import sys
+from pathlib import Path
+from resnet_ablate import tracking
+tracking.open_store(None, Path(sys.argv[1]))
+print("created", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_while_the_store_is_created_leaves_no_half_made_store(tmp_path):
+    """MLflow makes a new SQLite store's tables in dozens of migrations; a process killed among
+    them left a file no later run could open ("table ... already exists"). Killed at moments
+    spread over the creation, the store is absent or whole, and the next open works."""
+    results = tmp_path / "results"
+    outcomes = set()
+    for i, delay in enumerate((0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.5, 5.0)):
+        folder = results / str(i)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CREATE_STORE, str(folder)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(EXPERIMENTS.parent)},
+        )
+        try:
+            out, _ = proc.communicate(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        db = folder / "mlflow.db"
+        outcomes.add(
+            "created"
+            if "created" in out
+            else ("killed, store there" if db.exists() else "killed, no store")
+        )
+        if db.exists():  # whole: MLflow opens it as it is, creating nothing
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                (version,) = con.execute("select version_num from alembic_version").fetchone()
+            assert version
+        store = tracking.open_store(None, folder)  # the next run opens it, or creates it whole
+        assert store.experiment_id("after") and not list(folder.glob(".mlflow.db.new-*"))
+    assert "killed, no store" in outcomes  # some kills landed before the store was whole
+
+
 def test_a_full_sqlite_store_is_one_line_naming_it(tmp_path):
     """SQLite's own error when its file can grow no more (here: a page limit), as MLflow
     passes it on, becomes one line that names the store and its folder."""
