@@ -5,5 +5,9 @@ class UserError(Exception):
     """A mistake the user can fix (bad grid, missing data, unreachable store): no traceback."""
 
 
+class TrackingError(UserError):
+    """The tracking store cannot be used: the message says which and what to do."""
+
+
 class GridError(UserError):
     """A mistake in a grid file or an override: the message is meant for the user as it is."""

@@ -48,6 +48,7 @@ from .engine import (
 )
 from .events import Emit
 from .plan import PlanRow, plan, states
+from .preflight import check_results_dir
 from .progress import GridProgress
 from .rounds import Rounds, grid_rounds
 
@@ -178,7 +179,7 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
         check_data(grid.cells)
     # The store is created here, once, before any worker starts (concurrent first use races).
     store = store or tracking.open_store(options.tracking_uri, options.results)
-    tracking.check_results_dir(options.results)
+    check_results_dir(options.results)
     rows = states(grid, store)
     outcome = GridOutcome()
     pending = _plan(grid, rows, outcome)

@@ -61,7 +61,8 @@ from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
 from .databases import masked
-from .errors import UserError
+from .errors import TrackingError
+from .preflight import check_results_dir, check_server
 from .provenance import DatasetRecord
 
 TAG_ROLE = "ablate.role"
@@ -99,10 +100,6 @@ _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-class TrackingError(UserError):
-    """The tracking store cannot be used: the message says which and what to do."""
-
-
 def default_uri(results: Path) -> str:
     """The embedded store: ``sqlite:///<results>/mlflow.db`` (absolute, so workers agree)."""
     return f"sqlite:///{(results / 'mlflow.db').resolve()}"
@@ -115,42 +112,6 @@ def resolve_uri(uri: str | None, results: Path) -> str:
 
 #: How long MLflow's SQLite sessions wait for a lock (its `PRAGMA busy_timeout`).
 SQLITE_BUSY_SECONDS = 20
-
-
-def check_results_dir(results: Path) -> None:
-    """Make sure results/ can be written before anything trains."""
-    if results.exists() and not results.is_dir():
-        raise TrackingError(f"{results}: is a file, not a folder; pass --results DIR")
-    try:
-        results.mkdir(parents=True, exist_ok=True)
-        probe = results / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise TrackingError(
-            f"{results}: cannot write results here ({err.strerror or err}); "
-            f"fix its permissions or pass --results DIR"
-        ) from None
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) tracking URI must answer ``/health`` before any training starts."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        problem = f"HTTP {err.code}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise TrackingError(
-        f"tracking server {uri} is unreachable ({problem}); start it (mlflow server) or "
-        f"point --tracking-uri elsewhere"
-    )
 
 
 @dataclass
@@ -433,6 +394,10 @@ def log_json(store: Store, run_id: str, name: str, payload: Any) -> None:
     store.client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
+#: How SQLite and PostgreSQL say that a row with the same key went in first.
+_DUPLICATE = ("UNIQUE constraint failed", "duplicate key value", "UniqueViolation")
+
+
 def log_dataset(
     store: Store, run_id: str, record: DatasetRecord, context: str = "training"
 ) -> None:
@@ -446,7 +411,13 @@ def log_dataset(
         profile=json.dumps(record.sizes),
     )
     tags = [InputTag("mlflow.data.context", context)]
-    store.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+    for attempt in range(3):  # machines that start together insert the same dataset at once
+        try:
+            store.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+            break
+        except MlflowException as err:  # the loser's retry finds it there and links to it
+            if attempt == 2 or not any(m in str(err) for m in _DUPLICATE):
+                raise
     sizes = {TAG_TRAIN_IMAGES: record.sizes.get("train"), TAG_TEST_IMAGES: record.sizes.get("test")}
     log_batch(store, run_id, tags={k: str(v) for k, v in sizes.items() if v is not None})
 

@@ -29,6 +29,7 @@ from ..engine import (
     run_pool,
 )
 from ..errors import UserError
+from ..preflight import check_results_dir
 from ..progress import GridProgress
 from ..provenance import provenance
 from . import trial
@@ -65,7 +66,7 @@ def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     found = targets(grid)
     check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.open_store(options.tracking_uri, options.results)
-    tracking.check_results_dir(options.results)
+    check_results_dir(options.results)
     storage = storage_for(options.queue, options.results, grid.name)
     states = prepare_studies(storage, found, store, spec.trials)
     outcome = TuneOutcome(budget=spec.trials, states=states)
