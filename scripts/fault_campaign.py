@@ -286,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     figures = Figures()
     while figures.kills < options.kills:
-        one_round(base, figures.rounds + 1, args, plan, figures)
+        n = figures.rounds + 1
+        try:
+            one_round(base, n, args, plan, figures)
+        except Exception as err:  # a record that cannot even be read is a violation too
+            figures.rounds = n
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            figures.violations.append(f"round {n}: {type(err).__name__}: {first}")
         print(f"round {figures.rounds}: {figures.kills} kills so far", flush=True)
     if options.keep is None:
         shutil.rmtree(base, ignore_errors=True)
