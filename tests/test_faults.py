@@ -29,7 +29,7 @@ from resnet_ablate.errors import UserError
 from resnet_ablate.train import load_checkpoint, train_cell
 
 from . import queue_claimer
-from .conftest import EXPERIMENTS, MANY_SHORT_EPOCHS, SHORT_EPOCHS, ablate, wait_for
+from .conftest import EXPERIMENTS, MANY_SHORT_EPOCHS, ROOT, SHORT_EPOCHS, ablate, wait_for
 from .records import cell_runs, client_for, steps
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
@@ -319,7 +319,7 @@ def test_a_kill_while_the_store_is_created_leaves_no_half_made_store(tmp_path):
             [sys.executable, "-c", CREATE_STORE, str(folder)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(EXPERIMENTS.parent)},
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
             out, _ = proc.communicate(timeout=delay)
