@@ -582,9 +582,7 @@ def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:
 
 
 def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) -> None:
-    """Start one process per context and relay their events until all have exited. A process
-    that ended without saying so (killed by the system, or dead before its work began) is a
-    crashed worker: the cells it would have trained are not done, and the exit code says so."""
+    """Start one process per context and relay their events until all have exited."""
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
     processes = [
@@ -592,23 +590,19 @@ def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) 
     ]
     for process in processes:
         process.start()
-    exited: set[int] = set()
-
-    def relay(event: Event) -> None:
-        if isinstance(event, Exited):
-            exited.add(event.worker)
-        else:
-            handle(event)
-
+    running = len(processes)
     try:
-        while len(exited) < len(processes):
+        while running:
             try:
                 event = events.get(timeout=0.5)
             except stdqueue.Empty:
                 if not any(p.is_alive() for p in processes):
                     break
                 continue
-            relay(event)
+            if isinstance(event, Exited):
+                running -= 1
+            else:
+                handle(event)
     except KeyboardInterrupt as err:
         # Ctrl-C reaches the whole process group; a SIGTERM may have reached only this process
         # (a scheduler that signals the job's first process): pass it on. Either way, let the
@@ -619,24 +613,21 @@ def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) 
                     os.kill(process.pid, signum_of(err))
         for process in processes:
             process.join(timeout=30)
-        _drain(events, relay)
+        _drain(events, handle)
         raise
     finally:
         for process in processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
-    _drain(events, relay)
-    for context, process in zip(contexts, processes, strict=True):
-        if context.worker not in exited:
-            said = f"its process ended (exit code {process.exitcode}) before its work was done"
-            handle(Crashed(context.worker, said))
+    _drain(events, handle)
 
 
-def _drain(events: mp.Queue, relay: Emit) -> None:
+def _drain(events: mp.Queue, handle: Emit) -> None:
     while True:
         try:
             event = events.get_nowait()
         except (stdqueue.Empty, OSError, ValueError):
             return
-        relay(event)
+        if not isinstance(event, Exited):
+            handle(event)
