@@ -558,7 +558,9 @@ def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:
 
 
 def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) -> None:
-    """Start one process per context and relay their events until all have exited."""
+    """Start one process per context and relay their events until all have exited. A process
+    that ended without saying so (killed by the system, or dead before its work began) is a
+    crashed worker: the cells it would have trained are not done, and the exit code says so."""
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
     processes = [
@@ -566,19 +568,23 @@ def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) 
     ]
     for process in processes:
         process.start()
-    running = len(processes)
+    exited: set[int] = set()
+
+    def relay(event: Event) -> None:
+        if isinstance(event, Exited):
+            exited.add(event.worker)
+        else:
+            handle(event)
+
     try:
-        while running:
+        while len(exited) < len(processes):
             try:
                 event = events.get(timeout=0.5)
             except stdqueue.Empty:
                 if not any(p.is_alive() for p in processes):
                     break
                 continue
-            if isinstance(event, Exited):
-                running -= 1
-            else:
-                handle(event)
+            relay(event)
     except KeyboardInterrupt as err:
         # Ctrl-C reaches the whole process group; a SIGTERM may have reached only this process
         # (a scheduler that signals the job's first process): pass it on. Either way, let the
@@ -589,21 +595,24 @@ def _run_processes(contexts: Sequence[WorkerContext], work: Work, handle: Emit) 
                     os.kill(process.pid, signum_of(err))
         for process in processes:
             process.join(timeout=30)
-        _drain(events, handle)
+        _drain(events, relay)
         raise
     finally:
         for process in processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
-    _drain(events, handle)
+    _drain(events, relay)
+    for context, process in zip(contexts, processes, strict=True):
+        if context.worker not in exited:
+            said = f"its process ended (exit code {process.exitcode}) before its work was done"
+            handle(Crashed(context.worker, said))
 
 
-def _drain(events: mp.Queue, handle: Emit) -> None:
+def _drain(events: mp.Queue, relay: Emit) -> None:
     while True:
         try:
             event = events.get_nowait()
         except (stdqueue.Empty, OSError, ValueError):
             return
-        if not isinstance(event, Exited):
-            handle(event)
+        relay(event)

@@ -370,7 +370,10 @@ def test_the_display_follows_the_events(tmp_path):
 
 
 def emit_and_maybe_crash(ctx: WorkerContext, emit) -> None:
-    """A worker's work for the pool test: one training's events; worker 1 then crashes."""
+    """A worker's work for the pool test: one training's events; worker 1 then crashes, and
+    worker 2's process dies at once, as one the system kills (no exception, no last word)."""
+    if ctx.worker == 2:
+        os._exit(3)
     emit(Started(ctx.worker, f"k{ctx.worker}", f"cell {ctx.worker}", 1))
     emit(Epoch(ctx.worker, f"k{ctx.worker}", 1, 10.0))
     emit(Ended(ctx.worker, f"k{ctx.worker}", f"cell {ctx.worker}", "finished"))
@@ -383,12 +386,15 @@ def test_the_pool_relays_every_worker_s_events_and_crashes(tmp_path):
     session = smoke_session(tmp_path)
     shown: list = []
     outcome = Outcome()
-    run_pool(contexts(session, 2), emit_and_maybe_crash, shown.append, outcome)
+    run_pool(contexts(session, 3), emit_and_maybe_crash, shown.append, outcome)
     assert sorted(e.key for e in outcome.ended) == ["k0", "k1"]
-    assert outcome.crashes == ["RuntimeError: lost the queue"]
+    assert outcome.crashes == [
+        "RuntimeError: lost the queue",
+        "its process ended (exit code 3) before its work was done",
+    ]
     assert outcome.exit_code == 1 and not outcome.interrupted
     assert sorted(type(e).__name__ for e in shown) == sorted(
-        ["Started", "Epoch", "Ended"] * 2 + ["Crashed"]
+        ["Started", "Epoch", "Ended"] * 2 + ["Crashed"] * 2
     )
 
 
