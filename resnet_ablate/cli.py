@@ -368,6 +368,7 @@ def ui(
         console.print(f"The tracking server {remote} has its own UI.", markup=False)
         _show_urls(urls, open_)
         return
+    tracking.open_store(tracking_uri, results)  # a new store is made whole before it is served
     _serve_ui(uri, port, urls, open_)
 
 

@@ -44,6 +44,7 @@ Where coming work plugs in:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -51,7 +52,7 @@ import queue as stdqueue
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,7 +64,7 @@ from .cellqueue import agree_once
 from .config import Cell, CellConfig, DataSpec, Grid
 from .data import Dataset, load_dataset
 from .device import ExecOptions, resolve_runtime
-from .errors import UserError
+from .errors import StoreUnavailable, UserError
 from .events import Crashed, Emit, Ended, Epoch, Event, Exited, Skipped, Started
 from .models import build_model, describe
 from .provenance import DatasetRecord, dataset_record, provenance
@@ -177,6 +178,28 @@ def close_session(
     tracking.end_grid_run(store, session.parent_id, status, counts)
 
 
+@contextlib.contextmanager
+def recording_the_end(
+    store: tracking.Store, said: str, close: Callable[[bool], None]
+) -> Iterator[None]:
+    """Within: an invocation's work. On the way out, however it went, `close(finished)` records
+    on its parent run how the invocation ended (`finished`: the work ran to its end). A store
+    that takes no write is its one line ending with `said` (what became of the work); when the
+    work raised, that error is the one told, and a store that took no write is not made to wait
+    a second time."""
+    try:
+        with tracking.unavailable_is_one_line(store, said):
+            yield
+    except StoreUnavailable:
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            close(False)
+        raise
+    with tracking.unavailable_is_one_line(store, said):
+        close(True)
+
+
 def invocation_status(outcome: Outcome | None, all_done: bool, elsewhere: int) -> str:
     """How the grid's parent run stands when an invocation ends: KILLED after Ctrl-C; FAILED
     when a training failed, a worker crashed or the invocation raised (`outcome` None);
@@ -259,6 +282,7 @@ class Job:
     blind: bool = False
     full_record: bool = True
     interrupted: str = INTERRUPTED  # the reason recorded for Ctrl-C or SIGTERM ({signal})
+    kept: str = RESUMES  # what a store that takes no write leaves of the work, for its message
     grid_file: Path | None = None  # stored with a new run, exactly as it was read
 
 
@@ -382,7 +406,7 @@ def train_tracked(job: Job, worker: Worker, hooks: Hooks = Hooks()) -> Ending:
     except Exception as err:
         # A store that takes no write can record nothing: the run stays open and the checkpoint
         # kept, as after a kill, and the rerun resumes them.
-        if (unavailable := tracking.store_unavailable(store.uri, err, RESUMES)) is not None:
+        if (unavailable := tracking.store_unavailable(store.uri, err, job.kept)) is not None:
             raise unavailable from None
         if record.ended:
             raise

@@ -13,7 +13,6 @@ open) into the same outcome and display, until the verdicts are decided or at th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from .engine import (
     dataset_record_for,
     invocation_status,
     open_session,
+    recording_the_end,
     remove_checkpoint,
     run_pool,
     train_tracked,
@@ -180,6 +180,13 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     # The store is created here, once, before any worker starts (concurrent first use races).
     store = store or tracking.open_store(options.tracking_uri, options.results)
     check_results_dir(options.results)
+    with tracking.unavailable_is_one_line(store, RESUMES):
+        return _run(grid, options, store, console)
+
+
+def _run(grid: Grid, options: RunOptions, store: tracking.Store, console: Console) -> GridOutcome:
+    """The cells not done, trained in rounds under a parent run that says how this invocation
+    ended, whatever happened."""
     rows = states(grid, store)
     outcome = GridOutcome()
     pending = _plan(grid, rows, outcome)
@@ -193,36 +200,30 @@ def run_grid(grid: Grid, options: RunOptions, console: Console) -> GridOutcome:
     for spec in {cell.config.data for cell in pending}:  # the runs table's Dataset column
         tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
     queue = CellQueue(storage, queue_name(grid))
-    ended: GridOutcome | None = None
-    try:
-        with (
-            tracking.unavailable_is_one_line(store, RESUMES),
-            GridProgress(
-                console,
-                grid.name,
-                pending,
-                done=outcome.done,
-                total=outcome.total,
-                done_states=tracking.DONE,
-            ) as progress,
-        ):
-            tried: set[str] = set()
-            while pending:
-                run_round(session, queue, pending, progress.update, outcome)
-                tried.update(cell.key for cell in pending)
-                if outcome.rounds is None or outcome.exit_code:
-                    break
-                pending = _next_round(grid, store, queue, tried, outcome)
-                progress.add(pending, total=outcome.total)
+
+    def close(finished: bool) -> None:
+        close_grid(session, store, outcome if finished else None)
+
+    with (
+        recording_the_end(store, RESUMES, close),
+        GridProgress(
+            console,
+            grid.name,
+            pending,
+            done=outcome.done,
+            total=outcome.total,
+            done_states=tracking.DONE,
+        ) as progress,
+    ):
+        tried: set[str] = set()
+        while pending:
+            run_round(session, queue, pending, progress.update, outcome)
+            tried.update(cell.key for cell in pending)
+            if outcome.rounds is None or outcome.exit_code:
+                break
+            pending = _next_round(grid, store, queue, tried, outcome)
+            progress.add(pending, total=outcome.total)
         outcome.elsewhere = len(queue.running_elsewhere())
-        ended = outcome
-    finally:  # the parent run says how this invocation ended, whatever happened
-        with tracking.unavailable_is_one_line(store, RESUMES):
-            if ended is not None:
-                close_grid(session, store, ended)
-            else:  # where the store fails too, the error on its way out is the one to tell
-                with contextlib.suppress(Exception):
-                    close_grid(session, store, ended)
     return outcome
 
 

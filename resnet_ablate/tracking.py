@@ -61,7 +61,7 @@ from mlflow.tracking import MlflowClient
 
 from .config import Cell, Grid
 from .databases import masked
-from .errors import TrackingError
+from .errors import StoreUnavailable, TrackingError
 from .preflight import check_results_dir, check_server
 from .provenance import DatasetRecord
 
@@ -197,20 +197,20 @@ def _create_whole(db: Path) -> None:
         new.unlink(missing_ok=True)
 
 
-def store_unavailable(uri: str, err: BaseException, said: str) -> TrackingError | None:
+def store_unavailable(uri: str, err: BaseException, said: str) -> StoreUnavailable | None:
     """The one-line error for a store that cannot take a write for now (SQLite held locked by
     another process past MLflow's wait, or its disk full), ending with `said` (what became of
     the work); None for any other error."""
     text = str(err)
     if "database is locked" in text:
-        return TrackingError(
+        return StoreUnavailable(
             f"tracking store {masked(uri)} is locked by another process for longer than MLflow "
             f"waits ({SQLITE_BUSY_SECONDS} s); let that process finish or stop it, then run "
             f"again ({said})"
         )
     if "database or disk is full" in text:
         where = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite") else uri
-        return TrackingError(
+        return StoreUnavailable(
             f"tracking store {masked(uri)} is full: no space left on {where}; free some, then "
             f"run again ({said})"
         )

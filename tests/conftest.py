@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -109,3 +110,31 @@ def ablate_here(args: list[str], cwd: Path) -> tuple[int, str, str]:
         os.chdir(saved[3])
         signal.signal(signal.SIGTERM, saved[4])
     return code, out.getvalue(), err.getvalue()
+
+
+# The SQLite store held locked by another process for longer than MLflow waits.
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@contextlib.contextmanager
+def store_locked(db: Path):
+    """Another process holds the SQLite store `db` locked while the block runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

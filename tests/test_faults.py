@@ -29,7 +29,15 @@ from resnet_ablate.errors import UserError
 from resnet_ablate.train import load_checkpoint, train_cell
 
 from . import queue_claimer
-from .conftest import EXPERIMENTS, MANY_SHORT_EPOCHS, ROOT, SHORT_EPOCHS, ablate, wait_for
+from .conftest import (
+    EXPERIMENTS,
+    MANY_SHORT_EPOCHS,
+    ROOT,
+    SHORT_EPOCHS,
+    ablate,
+    store_locked,
+    wait_for,
+)
 from .records import cell_runs, client_for, steps
 
 SMOKE = EXPERIMENTS / "smoke.yaml"
@@ -219,31 +227,6 @@ def test_a_corrupt_journal_line_is_one_clear_message(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # The SQLite store held locked by another process for longer than MLflow waits.
-
-HOLD_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()  # until the test closes our stdin
-"""
-
-
-@contextlib.contextmanager
-def store_locked(db: Path):
-    """Another process holds the SQLite store `db` locked while the block runs."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(db)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        yield
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from resnet_ablate.tune.budget import within_budget
 from resnet_ablate.tune.grid import apply_tuned, tune_grid
 from resnet_ablate.tune.studies import DIVERGED_SCORE, FINISHED, TrialScore, best_trial, targets
 
-from .conftest import EXPERIMENTS, ablate, wait_for
+from .conftest import EXPERIMENTS, ablate, store_locked, wait_for
 
 SMOKE_TUNE = EXPERIMENTS / "smoke-tune.yaml"
 BUDGET = 3
@@ -250,6 +250,60 @@ def test_a_killed_tune_resumes_to_exactly_the_budget(tmp_path):
     client = client_for(tmp_path)
     run = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert run.data.tags["ablate.status"] == "killed" and run.info.status == "KILLED"
+    counted = [r for r in runs(client, "trial") if r.data.tags["ablate.status"] in FINISHED]
+    assert len(counted) == BUDGET
+    (parent,) = runs(client, "tune")
+    assert parent.data.tags["ablate.status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_store_locked_mid_tune_is_one_line_and_the_rerun_completes_the_budget(tmp_path):
+    args = ["-m", "resnet_ablate", "tune", str(SMOKE_TUNE), *PLAIN_ONLY, "--device", "cpu"]
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def a_trial_running() -> bool:
+        if proc.poll() is not None:
+            return True
+        if not (tmp_path / "results" / "queue" / "smoke-tune.journal").exists():
+            return False
+        try:
+            (_, trials), *_ = studies(tmp_path, ["model.shortcut=none"]).values()
+        except Exception:  # the study is not there yet
+            return False
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        return any("mlflow_run_id" in t.user_attrs for t in running)
+
+    db = tmp_path / "results" / "mlflow.db"
+    try:
+        wait_for(a_trial_running)
+        with store_locked(db):  # the trial's next write waits, then gives up
+            out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out + err
+    assert " ".join(err.split()) == (
+        f"error: tracking store sqlite:///{db} is locked by another process for longer than "
+        "MLflow waits (20 s); let that process finish or stop it, then run again (finished "
+        "trials are kept: the rerun continues the studies)"
+    )
+
+    again = ablate("tune", str(SMOKE_TUNE), *PLAIN_ONLY, "--device", "cpu", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (_, trials), *_ = studies(tmp_path, ["model.shortcut=none"]).values()
+    assert len(finished(trials)) == BUDGET
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    client = client_for(tmp_path)
+    experiment = client.get_experiment_by_name("smoke-tune")
+    every = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in every if r.info.status == "RUNNING"] == []
     counted = [r for r in runs(client, "trial") if r.data.tags["ablate.status"] in FINISHED]
     assert len(counted) == BUDGET
     (parent,) = runs(client, "tune")

@@ -26,6 +26,7 @@ from ..engine import (
     contexts,
     invocation_status,
     open_session,
+    recording_the_end,
     run_pool,
 )
 from ..errors import UserError
@@ -50,6 +51,7 @@ from .studies import (
     tune_spec,
     tuned_grid,
 )
+from .trial import KEPT
 
 
 @dataclass
@@ -62,44 +64,66 @@ class TuneOutcome(Outcome):
 
 def tune_grid(grid: Grid, options: RunOptions, console: Console) -> TuneOutcome:
     """Run every study of the grid up to its budget."""
-    spec = tune_spec(grid)
-    found = targets(grid)
+    tune_spec(grid)
     check_urls(options.queue, tracking.resolve_uri(options.tracking_uri, options.results))
     store = tracking.open_store(options.tracking_uri, options.results)
     check_results_dir(options.results)
+    with tracking.unavailable_is_one_line(store, KEPT):
+        return _tune(grid, options, store, console)
+
+
+def _tune(grid: Grid, options: RunOptions, store: tracking.Store, console: Console) -> TuneOutcome:
+    """The studies prepared, then their remaining trials under a parent run that says how this
+    invocation ended, whatever happened."""
+    spec, found = tune_spec(grid), targets(grid)
     storage = storage_for(options.queue, options.results, grid.name)
     states = prepare_studies(storage, found, store, spec.trials)
     outcome = TuneOutcome(budget=spec.trials, states=states)
-    remaining = sum(max(0, spec.trials - s.taken) for s in states)
-    if not remaining:
+    if not sum(max(0, spec.trials - s.taken) for s in states):
         return outcome
     check_data([t.base for t in found])  # a missing dataset stops us before anything is logged
     session = open_session(grid, options, store, storage)
-    ended: TuneOutcome | None = None
-    try:
-        runs = {t.key: tuning_run(store, session, t) for t in found}
-        session = replace(session, parents=runs)
-        workers = max(1, min(options.workers, remaining))
-        done = [min(s.finished, spec.trials) for s in states]
-        pending = [
-            s.target.base for s, d in zip(states, done, strict=True) for _ in range(spec.trials - d)
-        ]
-        with GridProgress(
-            console,
-            grid.name,
-            pending,
-            done=sum(done),
-            total=spec.trials * len(states),
-            done_states=FINISHED,
-            noun="trials",
-        ) as progress:
-            run_pool(contexts(session, workers), trial.work, progress.update, outcome)
-        outcome.states = [study_state(storage, t, spec.trials) or StudyState(t) for t in found]
-        for state in outcome.states:
-            close_tuning_run(store, runs[state.target.key], state, spec.trials, outcome.interrupted)
-        ended = outcome
-    finally:  # the parent run says how this invocation ended, whatever happened
-        close_session(session, store, invocation_status(ended, True, 0))
+
+    def close(finished: bool) -> None:
+        close_session(session, store, invocation_status(outcome if finished else None, True, 0))
+
+    with recording_the_end(store, KEPT, close):
+        _train_trials(session, store, storage, found, outcome, console)
+    return outcome
+
+
+def _train_trials(
+    session: Session,
+    store: tracking.Store,
+    storage: optuna.storages.BaseStorage,
+    found: Sequence[Target],
+    outcome: TuneOutcome,
+    console: Console,
+) -> TuneOutcome:
+    """The studies' remaining trials, trained by the engine's workers under their tuning runs,
+    which then record each study's best trial."""
+    budget = outcome.budget
+    runs = {t.key: tuning_run(store, session, t) for t in found}
+    session = replace(session, parents=runs)
+    remaining = sum(max(0, budget - s.taken) for s in outcome.states)
+    workers = max(1, min(session.options.workers, remaining))
+    done = [min(s.finished, budget) for s in outcome.states]
+    pending = [
+        s.target.base for s, d in zip(outcome.states, done, strict=True) for _ in range(budget - d)
+    ]
+    with GridProgress(
+        console,
+        session.grid.name,
+        pending,
+        done=sum(done),
+        total=budget * len(outcome.states),
+        done_states=FINISHED,
+        noun="trials",
+    ) as progress:
+        run_pool(contexts(session, workers), trial.work, progress.update, outcome)
+    outcome.states = [study_state(storage, t, budget) or StudyState(t) for t in found]
+    for state in outcome.states:
+        close_tuning_run(store, runs[state.target.key], state, budget, outcome.interrupted)
     return outcome
 
 

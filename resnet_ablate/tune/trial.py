@@ -47,6 +47,8 @@ from .studies import (
 )
 
 INTERRUPTED = "interrupted ({signal}); it does not count"
+#: What a store that took no write left of the work, for its message.
+KEPT = "finished trials are kept: the rerun continues the studies"
 
 
 def work(ctx: WorkerContext, emit: Emit) -> None:
@@ -93,6 +95,7 @@ def train_trial(session: Session, worker: Worker, trial: optuna.Trial, target: T
         blind=True,
         full_record=False,
         interrupted=INTERRUPTED,
+        kept=KEPT,
     )
     hooks = Hooks(
         started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
