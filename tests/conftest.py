@@ -20,6 +20,13 @@ import pytest
 # before anything imports torch; the `ablate` processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Tests press Ctrl-C by sending SIGINT to the `ablate` processes they start. A suite started in
+# the background by a script (`make test &`) has SIGINT ignored, which its children inherit and
+# Python keeps, so they would never see it: handle it here (a handler, unlike "ignored", is not
+# passed on), and each child starts with SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 
