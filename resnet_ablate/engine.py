@@ -55,7 +55,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 INTERRUPTED = "interrupted ({signal}); rerun to resume"
 #: What a store that took no write left of the work, for its message.
 RESUMES = "the cells' checkpoints are kept: the rerun resumes them"
+OutcomeT = TypeVar("OutcomeT", bound="Outcome")  # an invocation's outcome, of run or tune
 
 
 @dataclass(frozen=True)
@@ -180,24 +181,30 @@ def close_session(
 
 @contextlib.contextmanager
 def recording_the_end(
-    store: tracking.Store, said: str, close: Callable[[bool], None]
+    store: tracking.Store, said: str, outcome: OutcomeT, close: Callable[[OutcomeT | None], None]
 ) -> Iterator[None]:
-    """Within: an invocation's work. On the way out, however it went, `close(finished)` records
-    on its parent run how the invocation ended (`finished`: the work ran to its end). A store
-    that takes no write is its one line ending with `said` (what became of the work); when the
-    work raised, that error is the one told, and a store that took no write is not made to wait
-    a second time."""
+    """Within: an invocation's work. On the way out, however it went, `close` records on its
+    parent run how the invocation ended: given `outcome` when the work ran to its end or was
+    interrupted (Ctrl-C or SIGTERM, then marked so: KILLED), None when it raised. A store that
+    takes no write is its one line ending with `said` (what became of the work); when the work
+    raised, that error is the one told, and a store that took no write is not made to wait a
+    second time."""
     try:
         with tracking.unavailable_is_one_line(store, said):
             yield
     except StoreUnavailable:
         raise
+    except KeyboardInterrupt as err:
+        outcome.interrupted, outcome.signum = True, signum_of(err)
+        with contextlib.suppress(Exception):
+            close(outcome)
+        raise
     except BaseException:
         with contextlib.suppress(Exception):
-            close(False)
+            close(None)
         raise
     with tracking.unavailable_is_one_line(store, said):
-        close(True)
+        close(outcome)
 
 
 def invocation_status(outcome: Outcome | None, all_done: bool, elsewhere: int) -> str:

@@ -201,11 +201,11 @@ def _run(grid: Grid, options: RunOptions, store: tracking.Store, console: Consol
         tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
     queue = CellQueue(storage, queue_name(grid))
 
-    def close(finished: bool) -> None:
-        close_grid(session, store, outcome if finished else None)
+    def close(ended: GridOutcome | None) -> None:
+        close_grid(session, store, ended)
 
     with (
-        recording_the_end(store, RESUMES, close),
+        recording_the_end(store, RESUMES, outcome, close),
         GridProgress(
             console,
             grid.name,

@@ -31,12 +31,13 @@ from resnet_ablate.engine import (
     WorkerContext,
     contexts,
     open_session,
+    recording_the_end,
     run_pool,
     train_tracked,
 )
 from resnet_ablate.events import Crashed, Ended, Epoch, Skipped, Started
 from resnet_ablate.progress import GridProgress
-from resnet_ablate.runner import cell_job
+from resnet_ablate.runner import GridOutcome, cell_job, close_grid
 from resnet_ablate.signals import Interrupted
 from resnet_ablate.train import CellResult, point_marks
 
@@ -348,6 +349,45 @@ def test_the_outcome_counts_ends_and_crashes_into_the_exit_code():
     assert crashed.exit_code == 1 and crashed.crashes == ["OSError: disk full"]
     crashed.interrupted = True
     assert crashed.exit_code == 130
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "exit_code"),
+    [
+        (None, "FAILED", 0),  # ran to its end with cells not done (nothing was trained here)
+        (KeyboardInterrupt(), "KILLED", 130),
+        (Interrupted(signal.SIGTERM), "KILLED", 143),
+        (RuntimeError("boom"), "FAILED", None),
+    ],
+)
+def test_how_an_invocation_ended_is_its_parent_run_s_status(tmp_path, raised, status, exit_code):
+    """Whatever ends the work, the parent run says how: an interruption anywhere in the
+    invocation (between rounds, say, outside the pool) is KILLED, not FAILED."""
+    session = smoke_session(tmp_path)
+    store = tracking.open_store(session.uri, tmp_path / "results")
+    outcome = GridOutcome()
+    closed: list[GridOutcome | None] = []
+
+    def close(ended: GridOutcome | None) -> None:
+        closed.append(ended)
+        close_grid(session, store, ended)
+
+    def work() -> None:
+        with recording_the_end(store, "kept", outcome, close):
+            if raised is not None:
+                raise raised
+
+    if raised is None:
+        work()
+    else:
+        with pytest.raises(type(raised)):
+            work()
+    parent = MlflowClient(session.uri).get_run(session.parent_id)
+    assert parent.info.status == status
+    assert parent.data.metrics["cells_total"] == 2 and parent.data.metrics["cells_done"] == 0
+    assert closed == [None if exit_code is None else outcome]
+    if exit_code is not None:
+        assert outcome.exit_code == exit_code
 
 
 def test_the_display_follows_the_events(tmp_path):

@@ -84,10 +84,10 @@ def _tune(grid: Grid, options: RunOptions, store: tracking.Store, console: Conso
     check_data([t.base for t in found])  # a missing dataset stops us before anything is logged
     session = open_session(grid, options, store, storage)
 
-    def close(finished: bool) -> None:
-        close_session(session, store, invocation_status(outcome if finished else None, True, 0))
+    def close(ended: Outcome | None) -> None:
+        close_session(session, store, invocation_status(ended, True, 0))
 
-    with recording_the_end(store, KEPT, close):
+    with recording_the_end(store, KEPT, outcome, close):
         _train_trials(session, store, storage, found, outcome, console)
     return outcome
 
@@ -99,9 +99,9 @@ def _train_trials(
     found: Sequence[Target],
     outcome: TuneOutcome,
     console: Console,
-) -> TuneOutcome:
+) -> None:
     """The studies' remaining trials, trained by the engine's workers under their tuning runs,
-    which then record each study's best trial."""
+    which then record each study's best trial; what happened goes into `outcome`."""
     budget = outcome.budget
     runs = {t.key: tuning_run(store, session, t) for t in found}
     session = replace(session, parents=runs)
@@ -124,7 +124,6 @@ def _train_trials(
     outcome.states = [study_state(storage, t, budget) or StudyState(t) for t in found]
     for state in outcome.states:
         close_tuning_run(store, runs[state.target.key], state, budget, outcome.interrupted)
-    return outcome
 
 
 def prepare_studies(
