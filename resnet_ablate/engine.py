@@ -195,7 +195,7 @@ def recording_the_end(
     except StoreUnavailable:
         raise
     except KeyboardInterrupt as err:
-        outcome.interrupted, outcome.signum = True, signum_of(err)
+        outcome.interrupt(err)
         with contextlib.suppress(Exception):
             close(outcome)
         raise
@@ -531,6 +531,10 @@ class Outcome:
     interrupted: bool = False
     signum: int = signal.SIGINT  # what interrupted it
 
+    def interrupt(self, err: KeyboardInterrupt) -> None:
+        """Mark the work interrupted by the signal behind `err` (Ctrl-C or SIGTERM)."""
+        self.interrupted, self.signum = True, signum_of(err)
+
     def record(self, event: Event) -> None:
         if isinstance(event, Ended):
             self.ended.append(event)
@@ -568,8 +572,7 @@ def run_pool(contexts: Sequence[WorkerContext], work: Work, show: Emit, outcome:
         else:
             _run_processes(contexts, work, handle)
     except KeyboardInterrupt as err:
-        outcome.interrupted = True
-        outcome.signum = signum_of(err)
+        outcome.interrupt(err)
 
 
 def _worker_main(ctx: WorkerContext, events: mp.Queue, work: Work) -> None:

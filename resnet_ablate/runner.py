@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mlflow.entities import Run
@@ -200,12 +201,8 @@ def _run(grid: Grid, options: RunOptions, store: tracking.Store, console: Consol
     for spec in {cell.config.data for cell in pending}:  # the runs table's Dataset column
         tracking.log_dataset(store, session.parent_id, dataset_record_for(spec))
     queue = CellQueue(storage, queue_name(grid))
-
-    def close(ended: GridOutcome | None) -> None:
-        close_grid(session, store, ended)
-
     with (
-        recording_the_end(store, RESUMES, outcome, close),
+        recording_the_end(store, RESUMES, outcome, partial(close_grid, session, store)),
         GridProgress(
             console,
             grid.name,
