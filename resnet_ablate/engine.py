@@ -465,13 +465,16 @@ def _record_end(
     record: _Record,
 ) -> Ending:
     """Final metrics, artifacts and tags of a training that reached its end; the run ends
-    (`record.ended` says so from then on)."""
+    (`record.ended` says so from then on). A run resumed after a kill cut its end short has
+    some final metrics already: they are not logged twice."""
     store = worker.store
     ending = hooks.finish(result) if hooks.finish else Ending(result.status, result.reason)
     final = _visible(result.final, job.blind) | dict(ending.metrics)
     if job.full_record:
         final["tracking_seconds"] = tracking_seconds
-    tracking.log_metrics(store, run_id, final, step=len(result.history))
+    logged = store.client.get_run(run_id).data.metrics if job.resume is not None else {}
+    new = {k: v for k, v in final.items() if k not in logged}
+    tracking.log_metrics(store, run_id, new, step=len(result.history))
     if job.full_record:
         tracking.log_json(store, run_id, "final_metrics.json", final | {"status": result.status})
         tracking.log_json(store, run_id, "grad_flow.json", result.grad_flow)

@@ -323,10 +323,14 @@ def end_run(
     store: Store, run_id: str, status: str, reason: str = "", tags: Mapping[str, str] = {}
 ) -> None:
     """Record how a run ended (``ablate.status``, ``ablate.reason``, more `tags`) and end it
-    with the MLflow status that goes with `status` (see ``MLFLOW_STATUS``)."""
-    ended = {TAG_STATUS: status, **({TAG_REASON: reason[:4000]} if reason else {}), **tags}
-    log_batch(store, run_id, tags=ended)
+    with the MLflow status that goes with `status` (see ``MLFLOW_STATUS``).
+
+    ``ablate.status`` is written last: a cell reads as ended from it (``cell_status``), so an
+    end cut short by a kill leaves the cell unfinished, and the rerun continues its run and
+    records the end again, instead of taking a run still RUNNING for a result."""
+    log_batch(store, run_id, tags={**({TAG_REASON: reason[:4000]} if reason else {}), **tags})
     store.client.set_terminated(run_id, MLFLOW_STATUS[status])
+    store.client.set_tag(run_id, TAG_STATUS, status)
 
 
 def log_batch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import multiprocessing
 import os
 import pickle
@@ -19,13 +20,23 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from rich.console import Console
 
 from resnet_ablate import tracking
 from resnet_ablate.cellqueue import CellQueue, storage_for
-from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec
+from resnet_ablate.config import CellConfig, DataSpec, ModelSpec, TrainSpec, load_grid
 from resnet_ablate.data import load_dataset
 from resnet_ablate.device import ExecOptions
+from resnet_ablate.engine import (
+    Ending,
+    Hooks,
+    RunOptions,
+    WorkerContext,
+    open_session,
+    train_tracked,
+)
 from resnet_ablate.errors import UserError
+from resnet_ablate.runner import cell_job, run_grid
 from resnet_ablate.train import load_checkpoint, train_cell
 
 from . import queue_claimer
@@ -522,3 +533,75 @@ def test_a_grid_killed_after_its_last_cell_has_its_parent_run_ended_by_the_rerun
     ended = client.get_run(parent.info.run_id)
     assert ended.info.status == "FINISHED"
     assert ended.data.metrics["cells_done"] == ended.data.metrics["cells_total"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# A kill at each write that records a training's end.
+
+#: One cell, two short epochs: the kill lands in its end record.
+ONE_CELL = ["train.epochs=2", "data.train_subset=256", "model.shortcut=none"]
+#: The writes that record a training's end, in order: final metrics, final_metrics.json,
+#: grad_flow.json, the end's tags, MLflow's status, and last the tag the plan reads.
+END_WRITES = ["log_batch", "log_text", "log_text", "log_batch", "set_terminated", "set_tag"]
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves: the process stops at this write and nothing after it runs."""
+
+
+def train_then_rerun(workdir: Path, kill_at: int | None) -> list[str]:
+    """Train the one cell in-process, killed before the end record's write number `kill_at`
+    (None: not killed), then rerun the grid as `ablate run` does; the end's writes made."""
+    grid = load_grid(SMOKE, ONE_CELL)
+    options = RunOptions(results=workdir / "results")
+    session = open_session(grid, options, tracking.open_store(None, options.results))
+    worker = WorkerContext(session, 0, CPU).open(lambda event: None)
+    writes: list[str] = []
+    armed = False
+
+    def counted(name: str, write):
+        def wrapped(*args, **kwargs):
+            if armed:
+                if len(writes) == kill_at:
+                    raise Killed(name)
+                writes.append(name)
+            return write(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("log_batch", "log_text", "log_metric", "set_tag", "set_terminated", "update_run"):
+        setattr(worker.store.client, name, counted(name, getattr(worker.store.client, name)))
+
+    def arm(result) -> Ending:  # the first thing the end record does
+        nonlocal armed
+        armed = True
+        return Ending(result.status, result.reason)
+
+    (cell,) = grid.cells
+    with pytest.raises(Killed) if kill_at is not None else contextlib.nullcontext():
+        train_tracked(cell_job(session, cell, None), worker, Hooks(finish=arm))
+    outcome = run_grid(grid, options, Console(file=io.StringIO()))
+    assert outcome.exit_code == 0
+    return writes
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_end(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    assert train_then_rerun(workdir, None) == END_WRITES
+    return load_campaign().cell_record(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", range(len(END_WRITES)))
+def test_a_kill_at_any_write_of_a_training_s_end_is_completed_by_the_rerun(
+    tmp_path, uninterrupted_end, kill_at
+):
+    """Wherever in its end record a kill lands, the cell reads as unfinished until the last
+    write, and the rerun continues the same run: one run, FINISHED and `finished`, no final
+    metric twice, every number equal to the uninterrupted run's (the campaign's judge)."""
+    assert train_then_rerun(tmp_path, kill_at) == END_WRITES[:kill_at]
+    campaign = load_campaign()
+    assert campaign.check(tmp_path, uninterrupted_end, {}, epochs=2) == []
+    (run,) = cell_runs(client_for(tmp_path))
+    assert run.data.tags["ablate.resumed_from_epoch"] == "2"  # continued, not trained again
