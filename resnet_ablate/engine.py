@@ -472,7 +472,7 @@ def _record_end(
     final = _visible(result.final, job.blind) | dict(ending.metrics)
     if job.full_record:
         final["tracking_seconds"] = tracking_seconds
-    logged = store.client.get_run(run_id).data.metrics if job.resume is not None else {}
+    logged = tracking.logged_keys(store, run_id) if job.resume is not None else set()
     new = {k: v for k, v in final.items() if k not in logged}
     tracking.log_metrics(store, run_id, new, step=len(result.history))
     if job.full_record:

@@ -323,14 +323,10 @@ def end_run(
     store: Store, run_id: str, status: str, reason: str = "", tags: Mapping[str, str] = {}
 ) -> None:
     """Record how a run ended (``ablate.status``, ``ablate.reason``, more `tags`) and end it
-    with the MLflow status that goes with `status` (see ``MLFLOW_STATUS``).
-
-    ``ablate.status`` is written last: a cell reads as ended from it (``cell_status``), so an
-    end cut short by a kill leaves the cell unfinished, and the rerun continues its run and
-    records the end again, instead of taking a run still RUNNING for a result."""
-    log_batch(store, run_id, tags={**({TAG_REASON: reason[:4000]} if reason else {}), **tags})
+    with the MLflow status that goes with `status` (see ``MLFLOW_STATUS``)."""
+    ended = {TAG_STATUS: status, **({TAG_REASON: reason[:4000]} if reason else {}), **tags}
+    log_batch(store, run_id, tags=ended)
     store.client.set_terminated(run_id, MLFLOW_STATUS[status])
-    store.client.set_tag(run_id, TAG_STATUS, status)
 
 
 def log_batch(
@@ -625,7 +621,15 @@ def cell_status(run: Run | None) -> str:
     """The cell state a run shows: new, running, finished, diverged, failed or killed."""
     if run is None:
         return "new"
-    return run.data.tags.get(TAG_STATUS, "running")
+    status = run.data.tags.get(TAG_STATUS, "running")
+    if run.info.status == "RUNNING" and MLFLOW_STATUS.get(status) != "RUNNING":
+        return "running"  # a kill cut its end short: the rerun continues it and ends it
+    return status
+
+
+def logged_keys(store: Store, run_id: str) -> set[str]:
+    """The metrics a run has recorded so far, at any step."""
+    return set(store.client.get_run(run_id).data.metrics)
 
 
 def logged_steps(store: Store, run_id: str, key: str = "train_err") -> set[int]:

@@ -541,8 +541,8 @@ def test_a_grid_killed_after_its_last_cell_has_its_parent_run_ended_by_the_rerun
 #: One cell, two short epochs: the kill lands in its end record.
 ONE_CELL = ["train.epochs=2", "data.train_subset=256", "model.shortcut=none"]
 #: The writes that record a training's end, in order: final metrics, final_metrics.json,
-#: grad_flow.json, the end's tags, MLflow's status, and last the tag the plan reads.
-END_WRITES = ["log_batch", "log_text", "log_text", "log_batch", "set_terminated", "set_tag"]
+#: grad_flow.json, the end's tags, and MLflow's status.
+END_WRITES = ["log_batch", "log_text", "log_text", "log_batch", "set_terminated"]
 
 
 class Killed(BaseException):
@@ -597,9 +597,10 @@ def uninterrupted_end(tmp_path_factory):
 def test_a_kill_at_any_write_of_a_training_s_end_is_completed_by_the_rerun(
     tmp_path, uninterrupted_end, kill_at
 ):
-    """Wherever in its end record a kill lands, the cell reads as unfinished until the last
-    write, and the rerun continues the same run: one run, FINISHED and `finished`, no final
-    metric twice, every number equal to the uninterrupted run's (the campaign's judge)."""
+    """Wherever in its end record a kill lands, the cell reads as unfinished until its run has
+    ended in MLflow too, and the rerun continues the same run: one run, FINISHED and
+    `finished`, no final metric twice, every number equal to the uninterrupted run's (the
+    campaign's judge)."""
     assert train_then_rerun(tmp_path, kill_at) == END_WRITES[:kill_at]
     campaign = load_campaign()
     assert campaign.check(tmp_path, uninterrupted_end, {}, epochs=2) == []
