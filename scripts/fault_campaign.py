@@ -249,8 +249,8 @@ def one_round(base: Path, n: int, args: list[str], plan: dict, figures: Figures)
             figures.kills += 1
             figures.landed[where_it_landed(workdir)] += 1
             for key, runs in cell_record(workdir).items():
-                for run in runs:
-                    if run["ablate_status"] == "finished":
+                for run in runs:  # finished as the plan reads it: its end whole in MLflow
+                    if (run["status"], run["ablate_status"]) == ("FINISHED", "finished"):
                         finished_early.setdefault(key, (run["run_id"], run["end_time"]))
             continue
         if proc.returncode != 0:
